@@ -1,0 +1,248 @@
+"""Layers shared by the Wan2.1 DiT and the unified model.
+
+Norms that compute in float32 whatever the compute dtype (the reference keeps them in fp32), a dense layer that tags
+its params with logical axis names, one attention function with switchable backends, rotary position embeddings
+(Wan's 3-D interleaved form and a 1-D form for text), sinusoidal time features and named remat policies.
+
+Shape letters: B batch, L query tokens, M key tokens, N heads, K head dim, D model dim, P rotary pairs (K / 2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+
+AttentionBackend = Literal["xla", "cudnn"]
+ATTENTION_BACKENDS = ("xla", "cudnn")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dense layers and norms.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    logical_axes: tuple[str | None, str | None],
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    kernel_init=nnx.initializers.xavier_uniform(),
+    bias_init=nnx.initializers.zeros_init(),
+) -> nnx.Linear:
+    """An `nnx.Linear` (kernel [in, out], bias [out]) whose params carry logical axis names for `uvigu.sharding`."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(kernel_init, logical_axes),
+        bias_init=nnx.with_partitioning(bias_init, (logical_axes[1],)),
+        rngs=rngs,
+    )
+
+
+def layer_norm_fp32(x: Float[Array, "... D"], eps: float) -> Float[Array, "... D"]:
+    """LayerNorm without affine params, computed in float32 (returns float32)."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class AffineLayerNorm(nnx.Module):
+    """LayerNorm with a learned scale and bias, computed in float32 (returns float32)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs | None = None):
+        del rngs  # deterministic init; the argument keeps the constructor uniform with other layers
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        y = layer_norm_fp32(x, self.eps)
+        return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale over the last dim, computed in float32, cast back to the input dtype.
+
+    Wan applies it to q and k over the whole model dim (all heads together), before the split into heads.
+    """
+
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        y = x.astype(jnp.float32)
+        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def modulate(x_normed: Float[Array, "B L D"], shift: Float[Array, "B #L D"], scale: Float[Array, "B #L D"]):
+    """adaLN modulation in float32: norm(x) * (1 + scale) + shift."""
+    return x_normed * (1.0 + scale) + shift
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def dot_product_attention(
+    q: Float[Array, "B L N K"],
+    k: Float[Array, "B M N K"],
+    v: Float[Array, "B M N K"],
+    kv_mask: Bool[Array, "B M"] | None = None,
+    *,
+    backend: AttentionBackend = "xla",
+) -> Float[Array, "B L N K"]:
+    """Softmax attention over the key axis, scaled by 1/sqrt(K). `kv_mask` marks the keys that may be attended.
+
+    `xla` is the portable path: logits and softmax in float32 whatever the input dtype. `cudnn` is the fused
+    flash-attention kernel (GPU only, bf16/fp16 inputs).
+    """
+    if backend == "xla":
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        logits = jnp.einsum("BLNK,BMNK->BNLM", q, k, preferred_element_type=jnp.float32) * scale
+        if kv_mask is not None:
+            logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("BNLM,BMNK->BLNK", weights, v)
+    if backend == "cudnn":
+        mask = None if kv_mask is None else kv_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rope_angles(dim: int, positions: np.ndarray, theta: float = 10000.0) -> np.ndarray:
+    """Rotation angles [len(positions), dim // 2] for frequencies theta^(-2i/dim), computed in float64."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64)[: dim // 2] / dim))
+    return np.outer(positions.astype(np.float64), inv_freq)
+
+
+def wan_rope_3d(
+    head_dim: int, grid: tuple[int, int, int], *, max_positions: int = 1024, theta: float = 10000.0
+) -> tuple[Float[Array, "L P"], Float[Array, "L P"]]:
+    """Wan's 3-D RoPE for a (T, H, W) token grid: cos and sin [T*H*W, head_dim // 2], token order (t, h, w).
+
+    The head dim is split into frame / height / width bands: h = w = 2 * (head_dim // 6), t = the rest (44/42/42 for
+    128). Each band rotates with its own frequencies over its own coordinate. Built on the host in float64 and cast
+    to float32, as the reference does; the grid is static so this folds into a constant.
+    """
+    t, h, w = grid
+    if max(grid) > max_positions:
+        raise ValueError(f"token grid {grid} exceeds the {max_positions} RoPE positions")
+    hw_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - 2 * hw_dim
+    ang_t = rope_angles(t_dim, np.arange(t), theta)  # [T, t_dim/2]
+    ang_h = rope_angles(hw_dim, np.arange(h), theta)  # [H, hw_dim/2]
+    ang_w = rope_angles(hw_dim, np.arange(w), theta)  # [W, hw_dim/2]
+    angles = np.concatenate(
+        [
+            np.broadcast_to(ang_t[:, None, None, :], (t, h, w, ang_t.shape[-1])),
+            np.broadcast_to(ang_h[None, :, None, :], (t, h, w, ang_h.shape[-1])),
+            np.broadcast_to(ang_w[None, None, :, :], (t, h, w, ang_w.shape[-1])),
+        ],
+        axis=-1,
+    ).reshape(t * h * w, head_dim // 2)
+    return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+
+
+def apply_rope(
+    x: Float[Array, "B L N K"], cos: Float[Array, "L P"], sin: Float[Array, "L P"], *, interleaved: bool = True
+) -> Float[Array, "B L N K"]:
+    """Rotates pairs of channels of q or k by position-dependent angles, in float32.
+
+    interleaved=True pairs channels (2i, 2i+1) (Wan's complex form); False pairs (i, i + K/2) (rotate-half form).
+    """
+    xf = x.astype(jnp.float32)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = jnp.split(xf, 2, axis=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    r1, r2 = x1 * c - x2 * s, x1 * s + x2 * c
+    out = jnp.stack([r1, r2], axis=-1).reshape(xf.shape) if interleaved else jnp.concatenate([r1, r2], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Time features.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: Float[Array, "*B"], dim: int, max_period: float = 10000.0) -> Float[Array, "*B F"]:
+    """Sinusoidal features of a (possibly fractional) timestep in [0, 1000]: cos ‖ sin, float32.
+
+    Frequencies max_period^(-i / (dim/2)), i < dim/2. Computed in float32 as diffusers' `Timesteps` does, so that
+    timesteps near 1000 agree to the last bits (the angle t·f is large there).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    args = t.astype(jnp.float32)[..., None] * jnp.exp(exponent)
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rematerialisation.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Activations tagged with `jax.ad_checkpoint.checkpoint_name` in the blocks; the names-based policy keeps these.
+SAVED_ACTIVATION_NAMES = ("attention_out", "ffn_hidden")
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing inside a block: recompute everything on the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "names": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATION_NAMES),
+}
+
+
+def remat_block_fn(fn: Callable, policy_name: str, *, prevent_cse: bool = True) -> Callable:
+    """Wraps a block's call in `nnx.remat` with the named policy; 'none' returns fn unchanged.
+
+    Names: none | full | dots (keep matmul outputs) | names (keep attention outputs and FFN hidden).
+    """
+    if policy_name == "none":
+        return fn
+    if policy_name not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy_name!r} is not one of {('none', *REMAT_POLICIES)}")
+    return nnx.remat(fn, policy=REMAT_POLICIES[policy_name], prevent_cse=prevent_cse)
+
+
+def tag(x: Array, name: str) -> Array:
+    """Names an activation for the names-based remat policy."""
+    return checkpoint_name(x, name)
+
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "AffineLayerNorm",
+    "RMSNorm",
+    "apply_rope",
+    "dense",
+    "dot_product_attention",
+    "layer_norm_fp32",
+    "modulate",
+    "remat_block_fn",
+    "rope_angles",
+    "sinusoidal_embedding",
+    "tag",
+    "wan_rope_3d",
+]
