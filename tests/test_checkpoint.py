@@ -1,0 +1,203 @@
+"""`uvigu.checkpoint`: model folders written by `save_wan_dit`, read back by `load_pretrained` with overrides, in the
+scanned or looped layout, optionally straight onto a mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from reference import rel_err
+from uvigu import checkpoint
+from uvigu.checkpoint import CheckpointError, load_pretrained, save_wan_dit
+from uvigu.models import wan_keys
+from uvigu.models.wan import WanConfig, WanDiT
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = WanConfig.preset("tiny", out_channels=12)
+
+
+def random_params(config: WanConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Flat stacked params, every one drawn non-zero (WanDiT's zero-init head would make every output 0). Made with
+    numpy from the shape table rather than by initialising a WanDiT: the first eager init costs ~10 s on a CPU."""
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(shape) * 0.2 + (1.0 if k.endswith("scale") else 0.0)).astype(np.float32)
+            for k, shape in wan_keys.expected_param_shapes(config).items()}
+
+
+def random_model(tmp: Path, config: WanConfig = CFG, seed: int = 0) -> WanDiT:
+    checkpoint.save_wan_dit_params(tmp / f"random-{seed}" / "dit", random_params(config, seed), config,
+                                   overwrite=True)
+    return load_pretrained(tmp / f"random-{seed}")
+
+
+def inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 4, 6, CFG.in_channels)).astype(np.float32)
+    ctx = rng.standard_normal((2, 5, CFG.text_dim)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray([37.0, 912.0]), jnp.asarray(ctx)
+
+
+_forward = nnx.jit(lambda m, x, t, c: m(x, t, c))
+
+
+def out(model):
+    return np.asarray(_forward(model, *inputs()))
+
+
+def flat_numpy(model, stacked: bool = True) -> dict[str, np.ndarray]:
+    flat = {k: np.asarray(v) for k, v in wan_keys.state_to_flat_params(model).items()}
+    return wan_keys.stack_blocks(flat, model.config.num_layers) if stacked and not model.config.scan_layers else flat
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(DST, its params, the loaded model's output): the model folder is DST/dit, as the converter writes it."""
+    dst = tmp_path_factory.mktemp("ckpt")
+    params = random_params(CFG)
+    checkpoint.save_wan_dit_params(dst / "dit", params, CFG, source={"kind": "test"})
+    return dst, params, out(load_pretrained(dst))
+
+
+def test_round_trip(saved, tmp_path):
+    dst, params, want = saved
+    for path in (dst, dst / "dit"):  # a converted DST or the model folder itself
+        loaded = load_pretrained(path)
+        assert loaded.config == CFG
+        got = flat_numpy(loaded)
+        assert set(got) == set(params)
+        for k, v in params.items():
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+    meta = json.loads((dst / "dit/config.json").read_text())
+    assert meta["model"] == "wan_dit" and meta["format_version"] == 1 and meta["source"] == {"kind": "test"}
+    assert sorted(p.name for p in (dst / "dit").iterdir()) == ["config.json", "params"]
+    # a module saved with save_wan_dit loads back identical
+    save_wan_dit(tmp_path / "dit", loaded)
+    assert np.array_equal(out(load_pretrained(tmp_path)), want)
+
+
+def test_looped_layout(saved, tmp_path):
+    dst, params, want = saved
+    looped = load_pretrained(dst, scan_layers=False)
+    assert isinstance(looped.blocks, nnx.List) and len(looped.blocks) == CFG.num_layers
+    assert looped.blocks[1].attn1.to_q.kernel.shape == (CFG.dim, CFG.dim)
+    assert rel_err(out(looped), want) <= 1e-6
+    # saving a looped model writes the canonical stacked layout
+    save_wan_dit(tmp_path / "dit", looped)
+    assert json.loads((tmp_path / "dit/config.json").read_text())["config"]["scan_layers"] is True
+    again = load_pretrained(tmp_path)
+    assert again.config.scan_layers
+    for k, v in params.items():
+        assert np.array_equal(flat_numpy(again)[k], v), k
+
+
+def test_dtype_overrides(saved):
+    dst, params, want = saved
+    bf16 = load_pretrained(dst, dtype="bfloat16", param_dtype="bfloat16")
+    assert bf16.config.dtype == bf16.config.param_dtype == "bfloat16"
+    assert {str(v.dtype) for v in wan_keys.state_to_flat_params(bf16).values()} == {"bfloat16"}
+    np.testing.assert_array_equal(  # restored by rounding the stored fp32 values
+        np.asarray(bf16.blocks.ffn.proj_in.kernel[...]),
+        params["blocks.ffn.proj_in.kernel"].astype(jnp.bfloat16))
+    assert rel_err(out(bf16), want) < 5e-2
+    assert checkpoint.load_config(dst, remat_policy="full", attention_backend="cudnn").remat_policy == "full"
+
+
+def test_override_errors(saved):
+    dst, _, _ = saved
+    with pytest.raises(CheckpointError, match=r"unknown override\(s\) \['dimension', 'scan'\]"):
+        load_pretrained(dst, dimension=64, scan=True)
+    with pytest.raises(CheckpointError, match=r"num_layers: checkpoint 2, override 3"):
+        load_pretrained(dst, num_layers=3)
+    with pytest.raises(CheckpointError, match="invalid override"):
+        load_pretrained(dst, param_dtype="int8")
+    assert load_pretrained(dst, num_layers=2, patch_size=[1, 2, 2]).config.num_layers == 2  # same value is fine
+
+
+def test_bad_folders(saved, tmp_path):
+    dst, _, _ = saved
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        load_pretrained(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_pretrained(tmp_path)
+
+    def variant(name, edit):
+        folder = tmp_path / name / "dit"
+        folder.mkdir(parents=True)
+        (folder / "params").symlink_to(dst / "dit" / "params")
+        meta = json.loads((dst / "dit/config.json").read_text())
+        edit(meta)
+        (folder / "config.json").write_text(json.dumps(meta))
+        return folder
+
+    with pytest.raises(CheckpointError, match="unknown model kind 'unet'"):
+        load_pretrained(variant("kind", lambda m: m.update(model="unet")))
+    with pytest.raises(CheckpointError, match="format_version 7"):
+        load_pretrained(variant("version", lambda m: m.update(format_version=7)))
+    with pytest.raises(CheckpointError, match="no 'model' field"):
+        load_pretrained(variant("diffusers", lambda m: m.pop("model")))
+    with pytest.raises(CheckpointError, match=r"mis-shaped: .*blocks\.ffn\.proj_in\.bias expected \(2, 64\) got \(2, 96\)"):
+        load_pretrained(variant("shapes", lambda m: m["config"].update(ffn_dim=64)))
+
+
+def test_save_is_atomic(tmp_path, tmp_path_factory, monkeypatch):
+    scratch = tmp_path_factory.mktemp("scratch")
+    model = random_model(scratch, seed=1)
+    with pytest.raises(CheckpointError, match="mis-shaped: blocks.attn1.to_q.bias"):
+        flat = flat_numpy(model)
+        flat["blocks.attn1.to_q.bias"] = flat["blocks.attn1.to_q.bias"][:, :-1]
+        checkpoint.save_wan_dit_params(tmp_path / "dit", flat, CFG)
+    assert list(tmp_path.iterdir()) == []
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.ocp.Checkpointer, "save", broken_save)
+        with pytest.raises(OSError, match="disk full"):
+            save_wan_dit(tmp_path / "dit", model)
+    assert list(tmp_path.iterdir()) == []  # no dit, no staging folder
+
+    save_wan_dit(tmp_path / "dit", model)
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_wan_dit(tmp_path / "dit", random_model(scratch, seed=2))
+    save_wan_dit(tmp_path / "dit", random_model(scratch, seed=2), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dit"]
+    assert np.array_equal(flat_numpy(load_pretrained(tmp_path))["proj_out.bias"],
+                          random_params(CFG, seed=2)["proj_out.bias"])
+
+
+def test_restore_onto_mesh(saved):
+    """On 8 fake CPU devices, params arrive already sharded by their logical axes (scanned and looped) and hold the
+    stored values."""
+    dst, params, _ = saved
+    np.save(dst / "to_q.npy", params["blocks.attn1.to_q.kernel"])
+    script = textwrap.dedent(f"""
+        import numpy as np, jax
+        from uvigu import sharding
+        from uvigu.checkpoint import load_pretrained
+        assert jax.device_count() == 8
+        mesh = sharding.make_mesh({{"fsdp": 4, "tensor": 2}})
+        want = np.load({str(dst / "to_q.npy")!r})
+        for scan in (True, False):
+            m = load_pretrained({str(dst)!r}, mesh=mesh, scan_layers=scan, param_dtype="bfloat16")
+            q = m.blocks.attn1.to_q.kernel[...] if scan else m.blocks[1].attn1.to_q.kernel[...]
+            spec = tuple(q.sharding.spec)
+            assert spec == ((None, "fsdp", "tensor") if scan else ("fsdp", "tensor")), spec
+            assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[-2:] == (48 // 4, 48 // 2)
+            assert q.dtype == jax.numpy.bfloat16
+            np.testing.assert_array_equal(np.asarray(q), (want if scan else want[1]).astype(q.dtype))
+        print("ok")
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
