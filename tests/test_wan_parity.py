@@ -290,3 +290,34 @@ def test_config_dict_round_trip():
     assert WanConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="no field"):
         WanConfig.from_dict({**cfg.to_dict(), "depth": 3})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention backends.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_xla_attention_masks_keys():
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    out = layers.dot_product_attention(q, k, v, mask)
+    # The masked keys of example 0 do not matter: same result as attending over the first three keys only.
+    ref = layers.dot_product_attention(q[:1], k[:1, :3], v[:1, :3])
+    np.testing.assert_allclose(np.asarray(out[:1]), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    # And it equals jax's own implementation.
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_xla_in_bf16():
+    gpu = jax.devices("gpu")[0]
+    rng = np.random.default_rng(5)
+    q, k, v = (jax.device_put(jnp.asarray(rng.standard_normal((2, 256, 4, 128)), jnp.bfloat16), gpu)
+               for _ in range(3))
+    mask = jax.device_put(jnp.arange(256)[None, :] < jnp.asarray([[200], [256]]), gpu)
+    ref = layers.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask)
+    got = jax.jit(lambda *a: layers.dot_product_attention(*a, backend="cudnn"))(q, k, v, mask)
+    assert got.dtype == jnp.bfloat16
+    assert rel_err(got.astype(jnp.float32), ref) <= 1e-2
