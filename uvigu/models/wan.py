@@ -125,6 +125,20 @@ PRESETS: dict[str, WanConfig] = {
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def layer_stack(make_layer, num_layers: int, stacked: bool, rngs: nnx.Rngs):
+    """`num_layers` layers from `make_layer(rngs)`: one module with params stacked on a leading 'layers' axis (for
+    nnx.scan) or an nnx.List of separate layers."""
+    if stacked:
+        make = nnx.vmap(make_layer, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        return make(rngs.fork(split=num_layers))
+    return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blocks.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
 class WanAttention(nnx.Module):
     """Multi-head attention with Wan's q/k RMSNorm over the whole model dim (across heads)."""
 
@@ -286,11 +300,11 @@ class PatchEmbed(nnx.Module):
         return y + self.bias[...].astype(self.dtype)
 
 
-class TimeTextEmbedding(nnx.Module):
-    """Time path (sinusoid -> Linear -> SiLU -> Linear = e; SiLU -> Linear(D, 6D) = e0) and text path
-    (Linear -> GELU(tanh) -> Linear). diffusers' `condition_embedder`; time runs in float32 as in the reference."""
+class TimeEmbedding(nnx.Module):
+    """Wan's time path: sinusoid -> Linear -> SiLU -> Linear = e; SiLU -> Linear(D, 6D) = e0. Float32 throughout,
+    as in the reference. The unified model holds a second one for text tokens."""
 
-    def __init__(self, dim: int, freq_dim: int, text_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, freq_dim: int, *, param_dtype, rngs: nnx.Rngs):
         self.freq_dim = freq_dim
         fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.time_embedder = nnx.Dict(
@@ -298,11 +312,6 @@ class TimeTextEmbedding(nnx.Module):
             linear_2=layers.dense(dim, dim, (None, "embed"), **fp32),
         )
         self.time_proj = layers.dense(dim, 6 * dim, (None, "embed"), **fp32)
-        text = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.text_embedder = nnx.Dict(
-            linear_1=layers.dense(text_dim, dim, ("text_embed", "embed"), **text),
-            linear_2=layers.dense(dim, dim, (None, "embed"), **text),
-        )
 
     def time(self, timestep: Float[Array, "*B"]) -> tuple[Float[Array, "*B D"], Float[Array, "*B 6 D"]]:
         """Wan-unit timesteps [B] (or per token [B, L]) -> (e [.., D], e0 [.., 6, D]), both float32."""
@@ -310,6 +319,18 @@ class TimeTextEmbedding(nnx.Module):
         e = self.time_embedder["linear_2"](jax.nn.silu(self.time_embedder["linear_1"](feats)))
         e0 = self.time_proj(jax.nn.silu(e))
         return e, rearrange(e0, "... (R D) -> ... R D", R=6)
+
+
+class TimeTextEmbedding(TimeEmbedding):
+    """The time path plus the text path (Linear -> GELU(tanh) -> Linear): diffusers' `condition_embedder`."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(dim, freq_dim, param_dtype=param_dtype, rngs=rngs)
+        text = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.text_embedder = nnx.Dict(
+            linear_1=layers.dense(text_dim, dim, ("text_embed", "embed"), **text),
+            linear_2=layers.dense(dim, dim, (None, "embed"), **text),
+        )
 
     def text(self, context: Float[Array, "B S G"]) -> Float[Array, "B S D"]:
         h = jax.nn.gelu(self.text_embedder["linear_1"](context), approximate=True)
@@ -337,12 +358,7 @@ class WanDiT(nnx.Module):
                 attention_backend=c.attention_backend, **dt, rngs=rngs,
             )
 
-        if c.scan_layers:
-            make_stack = nnx.vmap(make_block, in_axes=0, out_axes=0,
-                                  transform_metadata={nnx.PARTITION_NAME: "layers"})
-            self.blocks = make_stack(rngs.fork(split=c.num_layers))
-        else:
-            self.blocks = nnx.List([make_block(rngs) for _ in range(c.num_layers)])
+        self.blocks = layer_stack(make_block, c.num_layers, c.scan_layers, rngs)
 
         self.scale_shift_table = _modulation_table(2, c.dim, c.storage_dtype, rngs)
         head_out = c.out_channels * math.prod(c.patch_size)
@@ -373,22 +389,28 @@ class WanDiT(nnx.Module):
             raise ValueError(f"context must be [B, S, text_dim={self.config.text_dim}], got {context.shape}")
         return self.condition_embedder.text(context.astype(self.config.compute_dtype))
 
-    def run_blocks(self, x: Float[Array, "B L D"], context, e0: Float[Array, "B #L 6 D"], rope, kv_mask=None,
-                   block_fn=None) -> Float[Array, "B L D"]:
-        """Runs every block, stacked with nnx.scan or in a loop. `block_fn(block, x, context, e0, rope, kv_mask)`
-        replaces a block's own call (the unified model routes FFNs through it)."""
-        c = self.config
-        call = block_fn or (lambda block, x, context, e0, rope, kv_mask: block(x, context, e0, rope, kv_mask))
-        call = layers.remat_block_fn(call, c.remat_policy, prevent_cse=not c.scan_layers)
-        if c.scan_layers:
-            def body(x, block):
-                return call(block, x, context, e0, rope, kv_mask)
+    def run_blocks(self, x: Float[Array, "B L D"], context, e0, rope, kv_mask=None, *, block_fn=None,
+                   companions=None) -> Float[Array, "B L D"]:
+        """Runs every block, stacked under nnx.scan or in a loop.
 
-            scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                            transform_metadata={nnx.PARTITION_NAME: "layers"})
-            return scan(x, self.blocks)
-        for block in self.blocks:
-            x = call(block, x, context, e0, rope, kv_mask)
+        `block_fn(block, companion, x, context, e0, rope, kv_mask)` replaces a block's own call; `companions` is a
+        per-layer module laid out like `self.blocks` (stacked or a list) and walked alongside it. The unified model
+        routes its text FFNs through these two; WanDiT alone uses neither.
+        """
+        c = self.config
+        if block_fn is None:
+            def block_fn(block, _, x, context, e0, rope, kv_mask):
+                return block(x, context, e0, rope, kv_mask)
+        call = layers.remat_block_fn(block_fn, c.remat_policy, prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            def body(x, block, companion):
+                return call(block, companion, x, context, e0, rope, kv_mask)
+
+            scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0 if companions is not None else None),
+                            out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            return scan(x, self.blocks, companions)
+        for i, block in enumerate(self.blocks):
+            x = call(block, None if companions is None else companions[i], x, context, e0, rope, kv_mask)
         return x
 
     def head(self, x: Float[Array, "B L D"], e: Float[Array, "B #L D"]) -> Float[Array, "B L P"]:
