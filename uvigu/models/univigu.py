@@ -125,22 +125,29 @@ class UniViGU(nnx.Module):
 
     @classmethod
     def from_wan(cls, dit: WanDiT, config: UniViGUConfig, *, rngs: nnx.Rngs) -> "UniViGU":
-        """Wraps a (pretrained) DiT. The text time path starts as a copy of the DiT's (so text tokens are modulated
-        sensibly from step 0); FFN_t starts fresh or as a copy of each block's FFN_v, per `config.ffn_t_init`."""
+        """Wraps a (pretrained) DiT; the text side starts from it as `inherit_from_dit` describes."""
         model = cls(dit, config, rngs=rngs)
+        model.inherit_from_dit()
+        return model
+
+    def inherit_from_dit(self) -> None:
+        """Initialises the text side from the current DiT weights: the text time path becomes a copy of the DiT's
+        (text tokens are modulated sensibly from step 0); FFN_t a copy of each block's FFN_v when
+        `ffn_t_init='copy'` (else it stays fresh). Copies, not aliases: training one never moves the other. The
+        trainer calls this after loading pretrained weights into an already-sharded model."""
+        dit, config = self.dit, self.config
         copy = lambda src, dst: nnx.update(dst, jax.tree.map(jnp.copy, nnx.state(src, nnx.Param)))
-        copy(dit.condition_embedder.time_embedder, model.text_time.time_embedder)
-        copy(dit.condition_embedder.time_proj, model.text_time.time_proj)
+        copy(dit.condition_embedder.time_embedder, self.text_time.time_embedder)
+        copy(dit.condition_embedder.time_proj, self.text_time.time_proj)
         if config.ffn_t_init == "copy":
             if (config.ffn_t_dim or dit.config.ffn_dim) != dit.config.ffn_dim:
                 raise ValueError(f"ffn_t_init='copy' needs ffn_t_dim == the DiT's ffn_dim ({dit.config.ffn_dim}), "
                                  f"got {config.ffn_t_dim}")
             if dit.config.scan_layers:
-                copy(dit.blocks.ffn, model.ffn_t)
+                copy(dit.blocks.ffn, self.ffn_t)
             else:
-                for block, ffn_t in zip(dit.blocks, model.ffn_t):
+                for block, ffn_t in zip(dit.blocks, self.ffn_t):
                     copy(block.ffn, ffn_t)
-        return model
 
     @property
     def text_latent_dim(self) -> int | None:

@@ -401,16 +401,20 @@ class WanDiT(nnx.Module):
         if block_fn is None:
             def block_fn(block, _, x, context, e0, rope, kv_mask):
                 return block(x, context, e0, rope, kv_mask)
-        call = layers.remat_block_fn(block_fn, c.remat_policy, prevent_cse=not c.scan_layers)
+        # rope is closed over, not passed through remat: it may hold static structure (the unified model's per-segment
+        # interleaving flags) that remat would turn into tracers.
+        call = layers.remat_block_fn(
+            lambda block, companion, x, context, e0, kv_mask: block_fn(block, companion, x, context, e0, rope, kv_mask),
+            c.remat_policy, prevent_cse=not c.scan_layers)
         if c.scan_layers:
             def body(x, block, companion):
-                return call(block, companion, x, context, e0, rope, kv_mask)
+                return call(block, companion, x, context, e0, kv_mask)
 
             scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0 if companions is not None else None),
                             out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
             return scan(x, self.blocks, companions)
         for i, block in enumerate(self.blocks):
-            x = call(block, None if companions is None else companions[i], x, context, e0, rope, kv_mask)
+            x = call(block, None if companions is None else companions[i], x, context, e0, kv_mask)
         return x
 
     def head(self, x: Float[Array, "B L D"], e: Float[Array, "B #L D"]) -> Float[Array, "B L P"]:
