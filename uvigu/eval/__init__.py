@@ -1,0 +1,1 @@
+"""Evaluation: per-attribute metrics for the toy world (`toy_metrics`)."""
