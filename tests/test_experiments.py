@@ -1,0 +1,143 @@
+"""The experiment scripts' accounting, checked without running a benchmark: the §8 FLOP formula against the numbers
+DESIGN.md quotes, the parameter counts of the text side, and the timing summary on a fake clock."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+# `experiments` is not an installed package: it is importable from the repository root, which `python -m pytest`
+# puts on the path but a bare `pytest` (or a run from inside tests/) does not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import bench_dit, param_overhead, wan_parity_report  # noqa: E402
+
+DIT_1_3B_PARAMS = 1_418_996_800
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bench_dit: the formula.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_formula_matches_design_numbers():
+    report = bench_dit.check_formula()
+    assert report["latent"] == (21, 60, 104)
+    assert report["video_tokens"] == 32_760 and report["tokens"] == 32_760 + 256
+    assert report["forward_tflop"] == pytest.approx(287.0, rel=0.01)
+    assert report["share"]["self_attention"] == pytest.approx(0.70, abs=0.01)
+    assert report["train_step_tflop"] == pytest.approx(3 * report["forward_tflop"])
+    assert sum(report["share"].values()) == pytest.approx(1.0)
+
+
+def test_formula_terms_by_hand():
+    n, c, d, f = 2, 3, 5, 7
+    terms = bench_dit.layer_flop_terms(n, c, d, f)
+    assert terms == {"projections": 12 * n * d * d, "ffn": 4 * n * d * f, "cross_kv": 4 * c * d * d,
+                     "self_attention": 4 * n * n * d, "cross_attention": 4 * n * c * d}
+    cfg = bench_dit.WanConfig.preset("tiny")
+    assert bench_dit.forward_flops(cfg, n, c) == cfg.num_layers * sum(
+        bench_dit.layer_flop_terms(n, c, cfg.dim, cfg.ffn_dim).values())
+
+
+def test_video_shapes():
+    assert bench_dit.latent_shape_for_video(81, 480, 832) == (21, 60, 104)
+    with pytest.raises(ValueError, match="4n\\+1"):
+        bench_dit.latent_shape_for_video(80, 480, 832)
+    assert bench_dit.video_token_count(bench_dit.WanConfig.preset("tiny", patch_size=(2, 2, 1)), (4, 4, 3)) == 12
+
+
+def test_default_peak_by_device():
+    assert bench_dit.default_peak_tflops("NVIDIA H200", "gpu", "bfloat16") == 989.0
+    assert bench_dit.default_peak_tflops("NVIDIA H100 80GB HBM3", "gpu", "bfloat16") == 989.0
+    assert bench_dit.default_peak_tflops("cpu", "cpu", "float32") is None
+    assert bench_dit.default_peak_tflops("NVIDIA A10", "gpu", "bfloat16") is None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bench_dit: timing and accounting on a fake clock.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Advances by the next of `durations` on every second reading, so step i appears to take durations[i]."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.reads = 100.0, list(durations), 0
+
+    def __call__(self):
+        if self.reads % 2:
+            self.now += self.durations[self.reads // 2]
+        self.reads += 1
+        return self.now
+
+
+def test_time_steps_and_summary_on_fake_clock():
+    durations = [0.1, 0.2, 0.3, 0.4]
+    calls = []
+
+    def step():
+        calls.append(1)
+        return jnp.zeros(())
+
+    clock = FakeClock(durations)
+    times = bench_dit.time_steps(step, iters=4, warmup=2, clock=clock)
+    assert len(calls) == 6 and clock.reads == 8  # warmup steps run but are not timed
+    assert times == pytest.approx(durations)
+
+    s = bench_dit.summarize(times, tokens_per_step=1000, flops_per_step=2e12, peak_tflops=10.0)
+    assert s["tokens_per_s"] == pytest.approx(1000 * 4 / 1.0)  # tokens · iters / total time
+    assert s["tflops"] == pytest.approx(2.0 * 4 / 1.0)
+    assert s["mfu"] == pytest.approx(0.8)
+    assert s["step_s_median"] == pytest.approx(0.25)
+    assert s["step_s_p10"] < s["step_s_median"] < s["step_s_p90"]
+    assert bench_dit.summarize(times, 1000, 2e12, None)["mfu"] is None
+
+
+def test_setup_defaults_follow_the_device():
+    parser = bench_dit.build_parser()
+    cpu = bench_dit.setup_from_args(parser.parse_args([]), "cpu")
+    assert (cpu.wan.dtype, cpu.wan.attention_backend, cpu.latent, cpu.text_len) == ("float32", "xla", (3, 8, 8), 0)
+    gpu = bench_dit.setup_from_args(parser.parse_args(["--preset", "wan2.1-1.3b", "--model", "univigu",
+                                                       "--layout", "loop", "--remat", "full"]), "gpu")
+    assert (gpu.wan.dtype, gpu.wan.attention_backend, gpu.wan.scan_layers, gpu.wan.remat_policy) == (
+        "bfloat16", "cudnn", False, "full")
+    assert gpu.latent == (21, 60, 104) and gpu.tokens_per_example == 32_760 + 256 and gpu.context_len == 512
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# param_overhead.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_param_overhead_1_3b():
+    assert param_overhead.dit_param_count("wan2.1-1.3b") == DIT_1_3B_PARAMS
+    rows = {r["text_flow"]: r for r in param_overhead.overhead_table(("wan2.1-1.3b",), ffn_t_fractions=(1.0,),
+                                                                      vocab_size=256_384)}
+    for r in rows.values():
+        assert r["dit"] == DIT_1_3B_PARAMS
+        assert r["overhead"] > 0 and r["total"] == r["dit"] + sum(r["text"].values())
+        assert r["text"]["FFN_t"] == 30 * (2 * 1536 * 8960 + 8960 + 1536)
+    assert rows["embedding"]["text"]["table"] == 256_384 * 128
+    assert rows["discrete"]["text"]["table"] == 256_384 * 1536
+    assert rows["embedding"]["total"] < rows["discrete"]["total"]
+
+
+def test_half_width_ffn_t_is_smaller():
+    full, half = param_overhead.overhead_table(("wan2.1-1.3b",), flows=("embedding",), ffn_t_fractions=(1.0, 0.5))
+    assert half["ffn_t_dim"] == 4480 and half["text"]["FFN_t"] < full["text"]["FFN_t"]
+    assert half["text"]["table"] == full["text"]["table"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every script's command line parses its defaults.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [bench_dit, param_overhead, wan_parity_report])
+def test_parsers_take_defaults(module):
+    assert isinstance(module.build_parser().parse_args([]), argparse.Namespace)
