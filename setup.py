@@ -23,6 +23,13 @@ setup(
         "ml_dtypes",
         "numpy",
         "absl-py",
+        "sentencepiece",  # the toy world's tokenizer (umT5's is sentencepiece too)
+        "msgpack",  # toy-world record format
+        "scipy",  # the toy-world detector's connected components
+        # clu.metric_writers writes TensorBoard summaries through TensorFlow.
+        "tensorflow-cpu",
+        "tensorboard",
+        "Pillow",
     ],
     extras_require={
         # The PyTorch references the parity tests compare against (CPU torch; never a CUDA build).

@@ -1,0 +1,153 @@
+"""Evaluation of a training run on the toy world: the three inference modes, scored by attribute.
+
+  V2T    caption each clip (clean video, text from noise); parse the caption; per-attribute accuracy + exact match.
+  T2V    generate a clip from each prompt (clean prompt text, video from noise, CFG on the video velocity); decode
+         with the codec; an independent pixel detector reads the attributes back; per-attribute accuracy.
+  joint  a few (video, caption) pairs generated together, saved as samples.
+on `validation` and on `test`, whose (shape, colour, motion) combinations never occur in training. Stage 1 is scored
+on the prompt's attributes (its target text is the prompt), stage 2 on all of them; T2V always on the prompt's.
+Samples (GIFs, caption lists) go to `WORKDIR/samples/step_N/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uvigu import flow, sampling
+from uvigu.data import pipeline
+from uvigu.data.world import ATTRIBUTES, PROMPT_ATTRIBUTES
+from uvigu.eval import toy_metrics
+from uvigu.models.univigu import UniViGU
+
+
+def _velocity_fn(model) -> sampling.VelocityFn:
+    """The samplers' pure velocity function for either model kind. A bare DiT ignores the text."""
+    if isinstance(model, UniViGU):
+        return model.as_velocity_fn()
+    graphdef, state = nnx.split(model)
+
+    def video_only(video, text, tau_v, tau_t, context, text_mask=None):
+        dit = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+        return flow.wan_velocity_to_paper(dit(video, flow.tau_to_wan_timestep(tau_v), context)), text
+
+    return video_only
+
+
+def _stack(records, key, dtype=None) -> np.ndarray:
+    return np.stack([np.asarray(r[key], dtype) for r in records])
+
+
+def generate(c, model, batch: dict[str, jax.Array], key) -> dict[str, Any]:
+    """T2V latents (and, for UniViGU, V2T ids and a joint pair) for one batch: `latents` (the clean videos V2T
+    captions), `context`, `prompt_ids`, `prompt_mask`."""
+    s = c.sample
+    video, context = batch["latents"].astype(jnp.float32), batch["context"].astype(jnp.float32)
+    prompt_ids, prompt_mask = batch["prompt_ids"].astype(jnp.int32), batch["prompt_mask"].astype(bool)
+    velocity = _velocity_fn(model)
+    is_unified = isinstance(model, UniViGU)
+    k_t2v, k_v2t, k_joint = jax.random.split(key, 3)
+    # T2V: the prompt, clean, as the text tokens (as the released code does); CFG on the video velocity.
+    text_mask = pipeline.text_attention_mask(prompt_mask, c.data.loss_on_padding)
+    if is_unified and model.config.text_flow == "embedding":
+        prompt_text = model.embed_text_targets(prompt_ids)
+    else:
+        prompt_text = prompt_ids
+    out = {"t2v": sampling.sample_t2v(velocity, k_t2v, video.shape, prompt_text, context,
+                                      null_context=jnp.zeros_like(context), guidance_scale=s.guidance_scale,
+                                      num_steps=s.num_steps, shift=s.shift, solver=s.solver, text_mask=text_mask)}
+    if not is_unified:
+        return out
+    text_len = prompt_ids.shape[1]
+    flow_kw = dict(text_flow=model.config.text_flow, num_steps=s.num_steps, shift=s.shift, solver=s.solver,
+                   text_mask=jnp.ones((video.shape[0], text_len), bool) if c.data.loss_on_padding else None)
+    if model.config.text_flow == "embedding":
+        flow_kw.update(decode_fn=model.decode_text)
+        text_shape = (video.shape[0], text_len, model.config.text_latent_dim)
+    else:
+        flow_kw.update(vocab_size=model.config.vocab_size, source=c.flow.discrete_source,
+                       scheduler_power=c.flow.scheduler_power)
+        text_shape = (video.shape[0], text_len)
+    out["v2t"] = sampling.sample_v2t(velocity, k_v2t, video, text_shape, context, **flow_kw)
+    out["joint_video"], out["joint_text"] = sampling.sample_joint(
+        velocity, k_joint, video.shape, text_shape, context, null_context=jnp.zeros_like(context),
+        guidance_scale=s.guidance_scale, **flow_kw)
+    return out
+
+
+def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int) -> dict[str, Any]:
+    """Scores `model` on up to `config.eval_examples` records of validation and test; saves samples of each."""
+    scored = PROMPT_ATTRIBUTES if c.data.text_target == "prompt" else ATTRIBUTES
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, batch, key: generate(c, nnx.merge(graphdef, state), batch, key))
+    report: dict[str, Any] = {"step": step, "stage": c.stage,
+                              "chance": toy_metrics.chance_levels(attributes=ATTRIBUTES)}
+    for split_index, split in enumerate(("validation", "test")):
+        outputs: dict[str, list] = {}
+        records_seen: list[dict] = []
+        source = getattr(data, split)
+        for i, records in enumerate(pipeline.evaluation_batches(source, batch_size=c.eval_batch_size,
+                                                                limit=c.eval_examples)):
+            arrays = {k: _stack(records, k) for k in ("latents", "context", "prompt_ids", "prompt_mask")}
+            key = jax.random.fold_in(jax.random.key(c.seed + 7919), split_index * 100_003 + i)
+            result = jax.device_get(run(state, arrays, key))
+            for name, value in result.items():
+                outputs.setdefault(name, []).append(np.asarray(value))
+            records_seen += records
+        truth = [r["attributes"] for r in records_seen]
+        videos = data.codec.decode(np.concatenate(outputs["t2v"]))
+        split_report = {"t2v": toy_metrics.video_accuracy(videos, truth, attributes=PROMPT_ATTRIBUTES)}
+        captions: list[str] = []
+        if "v2t" in outputs:
+            captions = data.tokenizer.decode(np.concatenate(outputs["v2t"]))
+            split_report["v2t"] = toy_metrics.caption_accuracy(captions, truth, attributes=scored)
+        report[split] = split_report
+        _save_samples(Path(workdir) / "samples" / f"step_{step}" / split, c.sample.num_saved, videos, records_seen,
+                      captions, data, outputs)
+    return report
+
+
+def _save_samples(folder: Path, n: int, videos, records, captions, data, outputs) -> None:
+    if jax.process_index() != 0 or n <= 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(min(n, len(records))):
+        save_gif(folder / f"t2v_{i}.gif", videos[i])
+        lines.append(f"[{i}] prompt:    {records[i]['prompt']}")
+        lines.append(f"    caption:   {records[i]['caption']}")
+        if captions:
+            lines.append(f"    generated: {captions[i]}")
+    if "joint_video" in outputs:
+        joint_videos = data.codec.decode(np.concatenate(outputs["joint_video"])[:n])
+        joint_text = data.tokenizer.decode(np.concatenate(outputs["joint_text"])[:n])
+        for i, (v, t) in enumerate(zip(joint_videos, joint_text)):
+            save_gif(folder / f"joint_{i}.gif", v)
+            lines.append(f"joint [{i}]: {t}")
+    (folder / "captions.txt").write_text("\n".join(lines) + "\n")
+
+
+def save_gif(path: Path, video: np.ndarray, scale: int = 4) -> None:
+    """[F, H, W, 3] in [−1, 1] -> an animated GIF, upscaled `scale`× (nearest) so a 32-px clip is visible."""
+    from PIL import Image
+
+    frames = np.clip((np.asarray(video) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=120, loop=0)
+
+
+def flat_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """`eval/{split}/{mode}/{attribute}` scalars for the metric writer."""
+    out = {}
+    for split in ("validation", "test"):
+        for mode, metrics in report.get(split, {}).items():
+            for name, value in metrics.items():
+                if name != "count":
+                    out[f"eval/{split}/{mode}/{name}"] = float(value)
+    return out

@@ -1,0 +1,111 @@
+"""The one definition of a run config; `configs/*.py` pick a stage and a variant and override what differs.
+
+A config is an `ml_collections.ConfigDict`, so every value can be overridden from the command line
+(`--config.optim.lr=1e-4`, `--config.model.wan.remat_policy=names`); a key that does not exist is an error.
+
+Variants: `tiny` (the embedded toy world on a CPU: the default), `wan2.1-1.3b` and `wan2.1-14b` (real Wan2.1 weights
+converted with `tools.convert_wan_weights`, latent shards at `data.path`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from uvigu.models.univigu import UniViGUConfig
+from uvigu.models.wan import WanConfig
+
+STAGES = ("pretrain_t2v", "stage1", "stage2")
+VARIANTS = ("tiny", "wan2.1-1.3b", "wan2.1-14b")
+
+# The toy world's shapes, fixed by its codec (space-to-depth 4 of 32x32 RGB) and its tiny umT5 encoder.
+TOY_LATENT_CHANNELS = 48
+TOY_CONTEXT_DIM = 32
+
+
+def _tiny_wan() -> WanConfig:
+    return WanConfig.preset("tiny", dim=64, ffn_dim=128, num_heads=4, num_layers=4, in_channels=TOY_LATENT_CHANNELS,
+                            out_channels=TOY_LATENT_CHANNELS, text_dim=TOY_CONTEXT_DIM, freq_dim=64, text_len=16)
+
+
+def base_config(stage: str, variant: str | None) -> ml_collections.ConfigDict:
+    variant = variant or "tiny"
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; variants are {VARIANTS}")
+    tiny = variant == "tiny"
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.variant = variant
+    c.seed = 0
+
+    # ---- model ----
+    wan = _tiny_wan() if tiny else WanConfig.preset(variant, dtype="bfloat16", remat_policy="names")
+    c.model = ml_collections.ConfigDict()
+    c.model.wan = ml_collections.ConfigDict(dataclasses.asdict(wan))
+    c.model.univigu = ml_collections.ConfigDict(dataclasses.asdict(
+        UniViGUConfig(vocab_size=32, text_latent_dim=32, max_text_len=16) if tiny else UniViGUConfig()))
+
+    # ---- where the weights start ----
+    # kind: scratch | wan (a converted Wan2.1 folder or a pretrain_t2v export) | stage (a uvigu training workdir)
+    c.init = ml_collections.ConfigDict(dict(kind="scratch", path=""))
+
+    # ---- data ----
+    c.data = ml_collections.ConfigDict(dict(
+        kind="toy_world" if tiny else "shards",
+        path="runs/toy_world" if tiny else "",  # toy world: cache dir (built on first use); shards: their folder
+        text_target="none" if stage == "pretrain_t2v" else ("prompt" if stage == "stage1" else "caption"),
+        global_batch_size=16 if tiny else 64,
+        loss_on_padding=True,  # padding after eos is part of the target text (see pipeline.text_attention_mask)
+        train_size=2000, val_size=200, test_size=200,  # toy world only
+    ))
+
+    # ---- flow ----
+    c.flow = ml_collections.ConfigDict(dict(
+        tau_sampling="logit_normal",  # uniform | logit_normal | shifted, for both τ_v and τ_t (independently)
+        tau_shift=3.0, tau_mean=0.0, tau_std=1.0,
+        cond_dropout=0.1 if stage != "stage1" else 0.3,  # stage 1 drops the prompt more, to force recall from video
+        rounding_weight=0.1,  # embedding flow: weight of the rounding cross-entropy on the predicted clean text
+        discrete_source="uniform", scheduler_power=1.0,  # discrete flow
+    ))
+
+    # ---- optimiser (Adam β 0.9 / 0.95 as in the paper) ----
+    c.optim = ml_collections.ConfigDict(dict(
+        lr={"pretrain_t2v": 1e-3 if tiny else 1e-4, "stage1": 2e-4, "stage2": 5e-5}[stage],
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+        warmup_steps=50 if tiny else 1000, schedule="cosine", min_lr_ratio=0.1,  # cosine | constant
+        clip_norm=1.0,
+        freeze_video=False,  # train only the text side (FFN_t, text time path, text in/out)
+    ))
+    if tiny:
+        c.optim.lr = {"pretrain_t2v": 2e-3, "stage1": 1e-3, "stage2": 5e-4}[stage]
+
+    # ---- schedule of the loop ----
+    c.total_steps = {"pretrain_t2v": 600, "stage1": 400, "stage2": 400}[stage] if tiny else \
+        {"pretrain_t2v": 100_000, "stage1": 40_000, "stage2": 60_000}[stage]
+    c.log_every = 20 if tiny else 50
+    c.ckpt_every = 200 if tiny else 1000
+    c.keep_checkpoints = 2
+    c.eval_every = 0 if tiny else 5000  # 0: only at the end
+    c.eval_examples = 64 if tiny else 256
+    c.eval_batch_size = 32 if tiny else 8
+
+    # ---- sampling for evaluation ----
+    c.sample = ml_collections.ConfigDict(dict(num_steps=20 if tiny else 50, shift=3.0, guidance_scale=3.0 if tiny
+                                              else 5.0, solver="unipc", num_saved=4))
+
+    # ---- mesh (sizes; one may be -1 = the remaining devices) ----
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, context=1))
+    return c
+
+
+def wan_config(c: ml_collections.ConfigDict) -> WanConfig:
+    d = c.model.wan.to_dict()
+    d["patch_size"] = tuple(d["patch_size"])
+    return WanConfig(**d)
+
+
+def univigu_config(c: ml_collections.ConfigDict) -> UniViGUConfig:
+    return UniViGUConfig(**c.model.univigu.to_dict())

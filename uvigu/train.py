@@ -1,0 +1,346 @@
+"""The training loop, one explicit function read top to bottom: setup, data, model, optimiser, checkpoint/resume,
+the jitted step, the loop (logging, evaluation, checkpoints, SIGTERM), the end.
+
+Stages (`config.stage`):
+  pretrain_t2v  WanDiT alone, video flow matching (the toy world's stand-in for Wan2.1's pretraining);
+                exported at the end as a Wan model folder (`WORKDIR/export/dit`).
+  stage1        UniViGU, target text = the prompt (Knowledge Recall), init from a Wan model folder.
+  stage2        UniViGU, target text = the detailed caption (Capability Refinement), init from a stage-1 workdir.
+
+A workdir holds `run_config.json` (the model it trains: a resumed run must match it), `checkpoints/` (Orbax:
+params, optimiser state, RNG, step and the grain iterator), TensorBoard events, `eval/` (JSON per evaluation) and
+`samples/`. Resuming is exact: the data order comes back with the iterator state and every step's randomness is
+`fold_in(rng, step)`, so an interrupted-then-resumed run reproduces an uninterrupted one bit for bit on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import nnx
+
+from uvigu import checkpoint, flow, run_config, sharding
+from uvigu.data import pipeline
+from uvigu.models.univigu import UniViGU, text_params
+from uvigu.models.wan import WanDiT
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue as configured; the message says what and where."""
+
+
+# ======================================================================================================================
+# Losses.
+# ======================================================================================================================
+
+
+def video_flow_loss(dit: WanDiT, batch: dict, key, fc) -> tuple[jax.Array, dict]:
+    """pretrain_t2v: ‖v̂_v − u_v‖² averaged over video elements, v̂_v = −DiT(z_τ, (1 − τ)·1000, c)."""
+    k_tau, k_noise, k_drop = jax.random.split(key, 3)
+    z1 = batch["latents"]
+    tau = flow.sample_tau(k_tau, z1.shape[0], fc.tau_sampling, shift=fc.tau_shift, mean=fc.tau_mean, std=fc.tau_std)
+    z0 = jax.random.normal(k_noise, z1.shape, z1.dtype)
+    context = flow.drop_condition(k_drop, batch["context"], fc.cond_dropout)
+    pred = flow.wan_velocity_to_paper(dit(flow.interpolate(z1, z0, tau), flow.tau_to_wan_timestep(tau), context))
+    loss = jnp.mean(jnp.square(pred - flow.velocity_target(z1, z0)))
+    return loss, {"loss_video": loss}
+
+
+def unified_flow_loss(model: UniViGU, batch: dict, key, fc) -> tuple[jax.Array, dict]:
+    """stage 1 / 2: the uni-flow loss (`flow.uni_flow_loss`) with τ_v, τ_t drawn independently per example, plus,
+    for the embedding flow, `rounding_weight` × the rounding cross-entropy that keeps predictions decodable."""
+    k_tau, k_nv, k_nt, k_drop = jax.random.split(key, 4)
+    z1, ids, mask = batch["latents"], batch["text_ids"], batch["text_mask"]
+    tau_v, tau_t = flow.sample_uni_tau(k_tau, z1.shape[0], fc.tau_sampling, shift=fc.tau_shift, mean=fc.tau_mean,
+                                       std=fc.tau_std)
+    z0 = jax.random.normal(k_nv, z1.shape, z1.dtype)
+    context = flow.drop_condition(k_drop, batch["context"], fc.cond_dropout)
+    text_flow = model.config.text_flow
+    if text_flow == "embedding":
+        t1 = model.embed_text_targets(ids)
+        t0 = jax.random.normal(k_nt, t1.shape, t1.dtype)
+        text_in, text_target = flow.interpolate(t1, t0, tau_t), flow.velocity_target(t1, t0)
+    else:
+        text_in = flow.discrete_corrupt(k_nt, ids, tau_t, model.config.vocab_size, source=fc.discrete_source,
+                                        scheduler_power=fc.scheduler_power)
+        text_target = ids
+    video_v, text_out = model(flow.interpolate(z1, z0, tau_v), text_in, tau_v, tau_t, context, mask)
+    loss, parts = flow.uni_flow_loss(video_v, flow.velocity_target(z1, z0), text_out, text_target, mask,
+                                     text_flow=text_flow)
+    metrics = {"loss_video": parts["video"], "loss_text": parts["text"]}
+    if text_flow == "embedding" and fc.rounding_weight:
+        rounding = flow.rounding_loss(model.text_table, flow.predict_clean(text_in, text_out, tau_t), ids, mask)
+        loss = loss + fc.rounding_weight * rounding
+        metrics["loss_rounding"] = rounding
+    return loss, metrics
+
+
+# ======================================================================================================================
+# Pieces of setup.
+# ======================================================================================================================
+
+
+def model_description(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a workdir's checkpoints are: the stage's model kind and its architecture (not execution options)."""
+    wan = run_config.wan_config(c).to_dict()
+    for name in checkpoint.EXECUTION_FIELDS:
+        wan.pop(name, None)
+    desc = {"model": "wan_dit" if c.stage == "pretrain_t2v" else "univigu", "wan": wan}
+    if c.stage != "pretrain_t2v":
+        desc["univigu"] = run_config.univigu_config(c).to_dict()
+    return json.loads(json.dumps(desc))  # tuples -> lists, as read back from JSON
+
+
+def _check_same_model(found: dict, expected: dict, where: Path) -> None:
+    if found == expected:
+        return
+    diffs = []
+    for section in sorted(set(found) | set(expected)):
+        a, b = found.get(section), expected.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(f"{section}: checkpoint {a!r} vs config {b!r}")
+    raise TrainingError(f"{where} holds a checkpoint of a different model; refusing to resume or overwrite it. "
+                        f"Differences: {'; '.join(diffs)}. Use a new --workdir.")
+
+
+def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
+    """The stage's model, built straight into its shards (`jax.eval_shape` first, then a sharded init), then
+    initialised from `config.init` (scratch | wan | stage)."""
+    wcfg, seed = run_config.wan_config(c), c.seed
+    if c.stage == "pretrain_t2v":
+        make = lambda: WanDiT(wcfg, rngs=nnx.Rngs(seed))
+    else:
+        ucfg = run_config.univigu_config(c)
+        make = lambda: UniViGU(WanDiT(wcfg, rngs=nnx.Rngs(seed)), ucfg, rngs=nnx.Rngs(seed + 1))
+    model = sharding.sharded_init(make, mesh)
+
+    kind, path = c.init.kind, c.init.path
+    if kind == "scratch":
+        return model
+    if not path:
+        raise TrainingError(f"config.init.kind={kind!r} needs config.init.path")
+    if kind == "wan":
+        if not Path(path).exists():
+            raise TrainingError(f"init checkpoint {path} does not exist (config.init.path)")
+        execution = {k: getattr(wcfg, k) for k in checkpoint.EXECUTION_FIELDS}
+        architecture = {k: v for k, v in wcfg.to_dict().items() if k not in checkpoint.EXECUTION_FIELDS}
+        try:
+            dit = checkpoint.load_pretrained(path, mesh=mesh, **execution, **architecture)
+        except checkpoint.CheckpointError as e:
+            raise TrainingError(f"cannot initialise from {path}: {e}") from e
+        target = model if c.stage == "pretrain_t2v" else model.dit
+        nnx.update(target, nnx.state(dit, nnx.Param))
+        if c.stage != "pretrain_t2v":
+            model.inherit_from_dit()
+        return model
+    if kind == "stage":
+        src = Path(path)
+        if not (src / RUN_CONFIG_FILE).exists():
+            raise TrainingError(f"init workdir {src} has no {RUN_CONFIG_FILE} (config.init.path)")
+        found = json.loads((src / RUN_CONFIG_FILE).read_text())["model"]
+        _check_same_model(found, model_description(c), src)
+        with ocp.CheckpointManager((src / "checkpoints").absolute()) as mngr:
+            step = mngr.latest_step()
+            if step is None:
+                raise TrainingError(f"init workdir {src} has no checkpoint")
+            params = nnx.state(model, nnx.Param)
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item={"params": _abstract(params)}, partial_restore=True)))
+        nnx.update(model, nnx.replace_by_pure_dict(params, restored["state"]["params"]))
+        logging.info("initialised params from %s step %d", src, step)
+        return model
+    raise TrainingError(f"config.init.kind={kind!r} is not scratch | wan | stage")
+
+
+def _abstract(state):
+    """ShapeDtypeStructs carrying each array's sharding: Orbax restores straight into the shards."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        nnx.to_pure_dict(state))
+
+
+def make_optimizer(c: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optimizer:
+    """AdamW (β1 0.9, β2 0.95) behind global-norm clipping, linear warmup then cosine (or constant), guarded so a
+    non-finite gradient skips the update instead of poisoning the params."""
+    o = c.optim
+    if o.schedule == "cosine":
+        warmup = max(o.warmup_steps, 1)  # a run shorter than its warmup never reaches the cosine part
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(c.total_steps, warmup + 1),
+                                                end_value=o.lr * o.min_lr_ratio)
+    elif o.schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
+                                   optax.constant_schedule(o.lr)], [max(o.warmup_steps, 1)])
+    else:
+        raise TrainingError(f"config.optim.schedule={o.schedule!r} is not cosine | constant")
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                     optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=5)
+    return nnx.Optimizer(model, tx, wrt=trainable_filter(c))
+
+
+def trainable_filter(c: ml_collections.ConfigDict):
+    if c.optim.freeze_video:
+        if c.stage == "pretrain_t2v":
+            raise TrainingError("config.optim.freeze_video needs a UniViGU stage (stage1 / stage2)")
+        return nnx.All(nnx.Param, text_params)
+    return nnx.Param
+
+
+# ======================================================================================================================
+# The loop.
+# ======================================================================================================================
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the configured stage in `workdir`; returns the final metrics and evaluation."""
+    # ---------------------------------------------------------------------------------------------------- Setup ----
+    workdir_path = Path(workdir).absolute()
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    description = model_description(c)
+    run_file = workdir_path / RUN_CONFIG_FILE
+    if run_file.exists():
+        _check_same_model(json.loads(run_file.read_text())["model"], description, workdir_path)
+    elif jax.process_index() == 0:
+        run_file.write_text(json.dumps({"model": description, "config": json.loads(c.to_json_best_effort())},
+                                       indent=2) + "\n")
+    stop = {"requested": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    mesh = sharding.make_mesh(c.mesh.to_dict())
+    writer = metric_writers.create_default_writer(str(workdir_path), just_logging=jax.process_index() > 0)
+    logging.info("stage %s, variant %s, mesh %s, workdir %s", c.stage, c.variant, dict(mesh.shape), workdir_path)
+
+    # ----------------------------------------------------------------------------------------------------- Data ----
+    data = pipeline.open_datasets(c)
+    train_iter = iter(pipeline.training_dataset(data.train, global_batch_size=c.data.global_batch_size,
+                                                target=c.data.text_target, seed=c.seed,
+                                                loss_on_padding=c.data.loss_on_padding))
+
+    # ---------------------------------------------------------------------------------------------------- Model ----
+    # (Not under jax.set_mesh: flax would read the params' *logical* axis names as mesh axes. sharded_init and the
+    # restore place every array explicitly; the optimizer's state inherits the params' shardings.)
+    model = create_model(c, mesh)
+    optimizer = make_optimizer(c, model)
+    n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_trainable = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, trainable_filter(c))))
+    logging.info("params: %s (%s trainable)", f"{n_params:,}", f"{n_trainable:,}")
+    data.check_model(model)
+
+    # ------------------------------------------------------------------------------------ Checkpoint / resume ----
+    mngr = ocp.CheckpointManager(
+        workdir_path / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True,
+                                             create=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+    )
+    rng = jax.random.key(c.seed)
+    first_step = 0
+    if (latest := mngr.latest_step()) is not None:
+        params, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={"params": _abstract(params), "opt": _abstract(opt_state),
+                                               "rng": jax.random.key_data(rng)}),
+            data=grain.checkpoint.CheckpointRestore(train_iter)))
+        nnx.update(model, nnx.replace_by_pure_dict(params, restored["state"]["params"]))
+        nnx.update(optimizer, nnx.replace_by_pure_dict(opt_state, restored["state"]["opt"]))
+        rng = jax.random.wrap_key_data(jnp.asarray(restored["state"]["rng"]))
+        first_step = latest
+        logging.info("resumed from step %d", latest)
+
+    def save(step: int, force: bool = False) -> None:
+        state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                 "opt": nnx.to_pure_dict(nnx.state(optimizer)), "rng": jax.random.key_data(rng)}
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                data=grain.checkpoint.CheckpointSave(train_iter)), force=force)
+
+    # ---------------------------------------------------------------------------------------------- Train step ----
+    loss_fn = video_flow_loss if c.stage == "pretrain_t2v" else unified_flow_loss
+    wrt = trainable_filter(c)
+    fc = c.flow
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(model, optimizer, batch, step_key):
+        (loss, metrics), grads = nnx.value_and_grad(
+            lambda m: loss_fn(m, batch, step_key, fc), has_aux=True, argnums=nnx.DiffState(0, wrt))(model)
+        optimizer.update(model, grads)
+        return {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+
+    # ---------------------------------------------------------------------------------------------------- Loop ----
+    hooks = [periodic_actions.ReportProgress(num_train_steps=c.total_steps, writer=writer, every_steps=c.log_every)]
+    history: list[dict[str, float]] = []
+    pending: list[dict[str, jax.Array]] = []
+    step = first_step
+    t_start = time.perf_counter()
+    while step < c.total_steps:
+        batch = pipeline.to_global(next(train_iter), mesh)
+        with jax.set_mesh(mesh):
+            metrics = train_step(model, optimizer, batch, jax.random.fold_in(rng, step))
+        step += 1
+        pending.append(metrics)
+        for hook in hooks:
+            hook(step)
+        if step % c.log_every == 0 or step == c.total_steps or stop["requested"]:
+            rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+            pending.clear()
+            history += rows
+            if not all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows):
+                bad = step - len(rows) + next(i for i, r in enumerate(rows) if not math.isfinite(r["loss"] + r["grad_norm"]))
+                raise FloatingPointError(f"non-finite loss or gradient norm at step {bad} (updates were skipped); "
+                                         f"last metrics {rows[-1]}")
+            writer.write_scalars(step, {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]})
+        if stop["requested"]:
+            logging.warning("SIGTERM: saving step %d and stopping", step)
+            save(step, force=True)
+            break
+        if step % c.ckpt_every == 0 or step == c.total_steps:
+            save(step)
+        if c.eval_every and step % c.eval_every == 0 and step < c.total_steps:
+            run_evaluation(c, model, data, writer, step, workdir_path)
+
+    # ----------------------------------------------------------------------------------------------------- End ----
+    mngr.wait_until_finished()
+    mngr.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+    result: dict[str, Any] = {"step": step, "history": history, "stopped_early": stop["requested"],
+                              "seconds": time.perf_counter() - t_start}
+    if not stop["requested"]:
+        if c.stage == "pretrain_t2v" and jax.process_index() == 0:
+            export = checkpoint.save_wan_dit(workdir_path / "export" / "dit", model, overwrite=True,
+                                             source={"kind": "uvigu pretrain_t2v", "workdir": str(workdir_path),
+                                                     "step": step})
+            result["export"] = str(export)
+        if c.eval_examples:
+            result["eval"] = run_evaluation(c, model, data, writer, step, workdir_path)
+    writer.flush()
+    return result
+
+
+def run_evaluation(c, model, data, writer, step: int, workdir: Path) -> dict[str, Any]:
+    """Evaluates the model on the validation and held-out test splits (see `uvigu.evaluate`), writes
+    `eval/step_N.json`, scalars, and samples."""
+    from uvigu import evaluate
+
+    report = evaluate.evaluate(c, model, data, workdir=workdir, step=step)
+    writer.write_scalars(step, evaluate.flat_scalars(report))
+    if jax.process_index() == 0:
+        (workdir / "eval").mkdir(exist_ok=True)
+        (workdir / "eval" / f"step_{step}.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
