@@ -39,13 +39,12 @@ from jaxtyping import Array, Bool, Float, Int
 
 from uvigu import sharding
 from uvigu.models import layers
+from uvigu.models.model_config import ModelConfig
 from uvigu.models.wan import layer_stack
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config.
 # ----------------------------------------------------------------------------------------------------------------------
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _gelu_tanh(x):
@@ -66,7 +65,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class UMT5Config:
+class UMT5Config(ModelConfig):
     """Architecture of a umT5 encoder plus how to execute it (dtypes, layer stacking).
 
     Field names follow transformers' `UMT5Config` where one exists, so a `text_encoder/config.json` maps over by name
@@ -102,9 +101,7 @@ class UMT5Config:
             raise ValueError(f"UMT5Config.relative_attention_max_distance={self.relative_attention_max_distance} must "
                              f"exceed the exact-bucket range {self.relative_attention_num_buckets // 4}")
         self.activation_name  # validates feed_forward_proj
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"UMT5Config.{name}={getattr(self, name)!r} is not one of {tuple(_DTYPES)}")
+        self.check_dtypes()
 
     @property
     def is_gated(self) -> bool:
@@ -126,32 +123,6 @@ class UMT5Config:
         """The attention width N * K."""
         return self.num_heads * self.d_kv
 
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def storage_dtype(self):
-        return _DTYPES[self.param_dtype]
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "UMT5Config":
-        """A named architecture (`PRESETS`), with any field overridden."""
-        if name not in PRESETS:
-            raise KeyError(f"unknown UMT5Config preset {name!r}; known: {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UMT5Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"UMT5Config has no field(s) {sorted(unknown)}")
-        return cls(**d)
-
 
 PRESETS: dict[str, UMT5Config] = {
     # The toy world's frozen prompt encoder: umT5's architecture at a size a CPU runs in milliseconds.
@@ -162,6 +133,7 @@ PRESETS: dict[str, UMT5Config] = {
     # eps 1e-6, gated-gelu, vocab 256384).
     "umt5-xxl": UMT5Config(),
 }
+UMT5Config.PRESETS = PRESETS
 
 
 # ----------------------------------------------------------------------------------------------------------------------

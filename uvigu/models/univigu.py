@@ -26,7 +26,7 @@ D model dim, E text latent dim, V vocab, G prompt-encoder dim.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +36,14 @@ from jaxtyping import Array, Bool, Float, Int
 
 from uvigu import flow, sharding
 from uvigu.models import layers
+from uvigu.models.model_config import ModelConfig
 from uvigu.models.wan import TimeEmbedding, WanConfig, WanDiT, WanFeedForward, layer_stack, split_modulation
 
 TextFlow = Literal["embedding", "discrete"]
 
 
 @dataclasses.dataclass(frozen=True)
-class UniViGUConfig:
+class UniViGUConfig(ModelConfig):
     """The text side added to a Wan DiT. The DiT's own architecture stays in its `WanConfig`."""
 
     text_flow: TextFlow = "embedding"
@@ -61,16 +62,6 @@ class UniViGUConfig:
             raise ValueError(f"UniViGUConfig.ffn_t_init={self.ffn_t_init!r} is not 'fresh' or 'copy'")
         if self.vocab_size < 2 or self.text_latent_dim < 1 or self.max_text_len < 1:
             raise ValueError(f"UniViGUConfig: vocab_size, text_latent_dim and max_text_len must be positive: {self}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UniViGUConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"UniViGUConfig has no field(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 class TextHead(nnx.Module):

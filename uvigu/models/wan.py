@@ -23,16 +23,15 @@ from jaxtyping import Array, Float
 
 from uvigu import sharding
 from uvigu.models import layers
+from uvigu.models.model_config import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config.
 # ----------------------------------------------------------------------------------------------------------------------
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(ModelConfig):
     """Architecture of a Wan2.1 T2V DiT plus how to execute it (dtypes, layer stacking, remat, attention backend).
 
     The execution fields do not change the weights: a checkpoint converted once loads with any of them.
@@ -65,9 +64,7 @@ class WanConfig:
             raise ValueError(f"WanConfig: dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or (self.head_dim - 4 * (self.head_dim // 6)) % 2:
             raise ValueError(f"WanConfig: head dim {self.head_dim} does not split into even 3-D RoPE bands")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"WanConfig.{name}={getattr(self, name)!r} is not one of {tuple(_DTYPES)}")
+        self.check_dtypes()
         if self.attention_backend not in layers.ATTENTION_BACKENDS:
             raise ValueError(
                 f"WanConfig.attention_backend={self.attention_backend!r} is not one of {layers.ATTENTION_BACKENDS}"
@@ -84,32 +81,6 @@ class WanConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def storage_dtype(self):
-        return _DTYPES[self.param_dtype]
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "WanConfig":
-        """A named architecture (`PRESETS`), with any field overridden."""
-        if name not in PRESETS:
-            raise KeyError(f"unknown WanConfig preset {name!r}; known: {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WanConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"WanConfig has no field(s) {sorted(unknown)}")
-        return cls(**d)
-
 
 PRESETS: dict[str, WanConfig] = {
     # Small enough for unit tests on a CPU; odd shapes on purpose (3 heads, head dim 16, in != out channels elsewhere).
@@ -118,6 +89,7 @@ PRESETS: dict[str, WanConfig] = {
     "wan2.1-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }
+WanConfig.PRESETS = PRESETS
 
 
 # ----------------------------------------------------------------------------------------------------------------------
