@@ -304,3 +304,17 @@ def test_drop_condition():
     kept = np.all(half == np.asarray(context), axis=(1, 2))
     assert np.all(dropped ^ kept)  # whole examples are dropped, never parts
     assert abs(dropped.mean() - 0.5) < 0.03
+
+
+def test_mix_tasks_rates_identity_and_exclusivity():
+    tau_v = jnp.full((20000,), 0.4)
+    tau_t = jnp.full((20000,), 0.6)
+    same_v, same_t = flow.mix_tasks(jax.random.key(0), tau_v, tau_t, 0.0, 0.0)  # the paper: untouched
+    np.testing.assert_array_equal(np.asarray(same_v), np.asarray(tau_v))
+    np.testing.assert_array_equal(np.asarray(same_t), np.asarray(tau_t))
+    mixed_v, mixed_t = flow.mix_tasks(jax.random.key(0), tau_v, tau_t, 0.2, 0.3)
+    v2t, t2v = np.asarray(mixed_v) == 1.0, np.asarray(mixed_t) == 1.0
+    assert abs(v2t.mean() - 0.2) < 0.015 and abs(t2v.mean() - 0.3) < 0.015
+    assert not (v2t & t2v).any()  # an example is one task or the other
+    np.testing.assert_array_equal(np.asarray(mixed_v)[~v2t], np.float32(0.4))  # the rest keep their τ
+    np.testing.assert_array_equal(np.asarray(mixed_t)[~t2v], np.float32(0.6))

@@ -1,6 +1,7 @@
 """Evaluation of a training run on the toy world: the three inference modes, scored by attribute.
 
-  V2T    caption each clip (clean video, text from noise); parse the caption; per-attribute accuracy + exact match.
+  V2T    caption each clip (clean video, text from noise, null prompt context); parse the caption; per-attribute
+         accuracy + exact match.
   T2V    generate a clip from each prompt (clean prompt text, video from noise, CFG on the video velocity); decode
          with the codec; an independent pixel detector reads the attributes back; per-attribute accuracy.
   joint  a few (video, caption) pairs generated together, saved as samples.
@@ -73,7 +74,8 @@ def generate(c, model, batch: dict[str, jax.Array], key) -> dict[str, Any]:
         flow_kw.update(vocab_size=model.config.vocab_size, source=c.flow.discrete_source,
                        scheduler_power=c.flow.scheduler_power)
         text_shape = (video.shape[0], text_len)
-    out["v2t"] = sampling.sample_v2t(velocity, k_v2t, video, text_shape, context, **flow_kw)
+    # V2T captions from the video alone: the null context, never the prompt (which would let it copy).
+    out["v2t"] = sampling.sample_v2t(velocity, k_v2t, video, text_shape, jnp.zeros_like(context), **flow_kw)
     out["joint_video"], out["joint_text"] = sampling.sample_joint(
         velocity, k_joint, video.shape, text_shape, context, null_context=jnp.zeros_like(context),
         guidance_scale=s.guidance_scale, **flow_kw)

@@ -124,6 +124,26 @@ def sample_uni_tau(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def mix_tasks(
+    key: PRNGKeyArray,
+    tau_v: Float[Array, "B"],
+    tau_t: Float[Array, "B"],
+    clean_video_prob: float,
+    clean_text_prob: float,
+) -> tuple[Float[Array, "B"], Float[Array, "B"]]:
+    """Optionally turns some examples into pure understanding (τ_v = 1) or pure generation (τ_t = 1) examples.
+
+    The paper samples τ_v and τ_t independently and nothing else (both probabilities 0: identity). With a continuous
+    τ, the exact inference tasks (V2T at τ_v = 1, T2V at τ_t = 1) are then only approached, rarely: under
+    logit-normal sampling τ_v > 0.8 in ~8 % of examples. A small model trained for a few hundred steps (the toy
+    world's demo) learns captioning far faster when some examples are V2T exactly. An example is made V2T with
+    probability `clean_video_prob`, else T2V with probability `clean_text_prob` (never both)."""
+    u = jax.random.uniform(key, tau_v.shape)
+    to_v2t = u < clean_video_prob
+    to_t2v = (~to_v2t) & (u < clean_video_prob + clean_text_prob)
+    return jnp.where(to_v2t, 1.0, tau_v), jnp.where(to_t2v, 1.0, tau_t)
+
+
 def interpolate(
     z1: Float[Array, "B *rest"], z0: Float[Array, "B *rest"], tau: Float[Array, "B"]
 ) -> Float[Array, "B *rest"]:
