@@ -15,6 +15,7 @@ params, optimiser state, RNG, step and the grain iterator), TensorBoard events, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -68,8 +69,10 @@ def unified_flow_loss(model: UniViGU, batch: dict, key, fc) -> tuple[jax.Array, 
     for the embedding flow, `rounding_weight` × the rounding cross-entropy that keeps predictions decodable."""
     k_tau, k_nv, k_nt, k_drop = jax.random.split(key, 4)
     z1, ids, mask = batch["latents"], batch["text_ids"], batch["text_mask"]
+    k_tau, k_task = jax.random.split(k_tau)
     tau_v, tau_t = flow.sample_uni_tau(k_tau, z1.shape[0], fc.tau_sampling, shift=fc.tau_shift, mean=fc.tau_mean,
                                        std=fc.tau_std)
+    tau_v, tau_t = flow.mix_tasks(k_task, tau_v, tau_t, fc.clean_video_prob, fc.clean_text_prob)
     z0 = jax.random.normal(k_nv, z1.shape, z1.dtype)
     context = flow.drop_condition(k_drop, batch["context"], fc.cond_dropout)
     text_flow = model.config.text_flow
@@ -82,8 +85,10 @@ def unified_flow_loss(model: UniViGU, batch: dict, key, fc) -> tuple[jax.Array, 
                                         scheduler_power=fc.scheduler_power)
         text_target = ids
     video_v, text_out = model(flow.interpolate(z1, z0, tau_v), text_in, tau_v, tau_t, context, mask)
+    # A modality given clean (τ = 1) has nothing to denoise: its loss term skips that example.
     loss, parts = flow.uni_flow_loss(video_v, flow.velocity_target(z1, z0), text_out, text_target, mask,
-                                     text_flow=text_flow)
+                                     text_flow=text_flow, video_weight=(tau_v < 1.0).astype(jnp.float32),
+                                     text_weight=(tau_t < 1.0).astype(jnp.float32))
     metrics = {"loss_video": parts["video"], "loss_text": parts["text"]}
     if text_flow == "embedding" and fc.rounding_weight:
         rounding = flow.rounding_loss(model.text_table, flow.predict_clean(text_in, text_out, tau_t), ids, mask)
@@ -165,17 +170,31 @@ def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
                 raise TrainingError(f"init workdir {src} has no checkpoint")
             params = nnx.state(model, nnx.Param)
             restored = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item={"params": _abstract(params)}, partial_restore=True)))
-        nnx.update(model, nnx.replace_by_pure_dict(params, restored["state"]["params"]))
+                state=_restore_into({"params": _abstract(params)}, partial_restore=True)))
+        _update_from_pure_dict(model, params, restored["state"]["params"])
         logging.info("initialised params from %s step %d", src, step)
         return model
     raise TrainingError(f"config.init.kind={kind!r} is not scratch | wan | stage")
+
+
+def _update_from_pure_dict(module: nnx.Module, state, pure: dict) -> None:
+    """Sets `module`'s `state` (taken from it) to the arrays of `pure` (its `nnx.to_pure_dict` form).
+    (`nnx.replace_by_pure_dict` fills `state` in place and returns None.)"""
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(module, state)
 
 
 def _abstract(state):
     """ShapeDtypeStructs carrying each array's sharding: Orbax restores straight into the shards."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                         nnx.to_pure_dict(state))
+
+
+def _restore_into(item, partial_restore: bool = False) -> ocp.args.PyTreeRestore:
+    """Restores into `item`'s shapes, dtypes and shardings. (Orbax takes the shardings from `restore_args` only;
+    without them it reuses the saved ones, which fails on another topology: a run resumed on fewer devices.)"""
+    return ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=partial_restore)
 
 
 def make_optimizer(c: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optimizer:
@@ -197,6 +216,17 @@ def make_optimizer(c: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optim
     return nnx.Optimizer(model, tx, wrt=trainable_filter(c))
 
 
+def _replicate_unplaced(module: nnx.Module, mesh) -> None:
+    """Puts every array of `module` that is not on the mesh yet (the optimiser's step counts and finite-update guard
+    are created on the default device) onto it, replicated: the jitted step returns them so, and inputs that differ
+    from its outputs would compile the step a second time."""
+    state = nnx.state(module)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    placed = jax.tree.map(lambda a: a if isinstance(a.sharding, jax.sharding.NamedSharding)
+                          else jax.device_put(a, replicated), nnx.to_pure_dict(state))
+    _update_from_pure_dict(module, state, placed)
+
+
 def trainable_filter(c: ml_collections.ConfigDict):
     if c.optim.freeze_video:
         if c.stage == "pretrain_t2v":
@@ -211,7 +241,15 @@ def trainable_filter(c: ml_collections.ConfigDict):
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the configured stage in `workdir`; returns the final metrics and evaluation."""
+    """Runs (or resumes) the configured stage in `workdir`; returns the final metrics and evaluation.
+
+    However it ends (an exception included), checkpoint saves still in flight are finished and the previous SIGTERM
+    handler is put back."""
+    with contextlib.ExitStack() as cleanup:
+        return _train_and_evaluate(c, workdir, cleanup)
+
+
+def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------------------------- Setup ----
     workdir_path = Path(workdir).absolute()
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -224,6 +262,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                                        indent=2) + "\n")
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    cleanup.callback(signal.signal, signal.SIGTERM, previous_handler)
     mesh = sharding.make_mesh(c.mesh.to_dict())
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=jax.process_index() > 0)
     logging.info("stage %s, variant %s, mesh %s, workdir %s", c.stage, c.variant, dict(mesh.shape), workdir_path)
@@ -239,6 +278,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     # restore place every array explicitly; the optimizer's state inherits the params' shardings.)
     model = create_model(c, mesh)
     optimizer = make_optimizer(c, model)
+    _replicate_unplaced(optimizer, mesh)
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     n_trainable = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, trainable_filter(c))))
     logging.info("params: %s (%s trainable)", f"{n_params:,}", f"{n_trainable:,}")
@@ -251,16 +291,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                                              create=True),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
     )
+    cleanup.callback(mngr.close)  # waits for saves in flight
     rng = jax.random.key(c.seed)
     first_step = 0
     if (latest := mngr.latest_step()) is not None:
         params, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
         restored = mngr.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={"params": _abstract(params), "opt": _abstract(opt_state),
-                                               "rng": jax.random.key_data(rng)}),
+            # The RNG comes back as host data, uncommitted like a fresh run's key: committed to one device it could
+            # not be used with a multi-device mesh.
+            state=_restore_into({"params": _abstract(params), "opt": _abstract(opt_state),
+                                 "rng": np.asarray(jax.random.key_data(rng))}),
             data=grain.checkpoint.CheckpointRestore(train_iter)))
-        nnx.update(model, nnx.replace_by_pure_dict(params, restored["state"]["params"]))
-        nnx.update(optimizer, nnx.replace_by_pure_dict(opt_state, restored["state"]["opt"]))
+        _update_from_pure_dict(model, params, restored["state"]["params"])
+        _update_from_pure_dict(optimizer, opt_state, restored["state"]["opt"])
         rng = jax.random.wrap_key_data(jnp.asarray(restored["state"]["rng"]))
         first_step = latest
         logging.info("resumed from step %d", latest)
@@ -275,12 +318,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     loss_fn = video_flow_loss if c.stage == "pretrain_t2v" else unified_flow_loss
     wrt = trainable_filter(c)
     fc = c.flow
+    # The step hands params and optimiser state back in the shardings they came in with. (Left to XLA, some come out
+    # laid out differently, e.g. replicated norm scales split over `tensor`: the layout drifts from the table and the
+    # next call compiles the step a second time.)
+    model_shardings = jax.tree.map(lambda a: a.sharding, nnx.state(model))
+    opt_shardings = jax.tree.map(lambda a: a.sharding, nnx.state(optimizer))
 
     @nnx.jit(donate_argnums=(0, 1))
     def train_step(model, optimizer, batch, step_key):
         (loss, metrics), grads = nnx.value_and_grad(
             lambda m: loss_fn(m, batch, step_key, fc), has_aux=True, argnums=nnx.DiffState(0, wrt))(model)
         optimizer.update(model, grads)
+        nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model), model_shardings))
+        nnx.update(optimizer, jax.lax.with_sharding_constraint(nnx.state(optimizer), opt_shardings))
         return {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
 
     # ---------------------------------------------------------------------------------------------------- Loop ----
@@ -302,9 +352,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
             pending.clear()
             history += rows
             if not all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows):
-                bad = step - len(rows) + next(i for i, r in enumerate(rows) if not math.isfinite(r["loss"] + r["grad_norm"]))
+                i = next(i for i, r in enumerate(rows) if not math.isfinite(r["loss"] + r["grad_norm"]))
+                bad = step - len(rows) + 1 + i  # rows hold steps step - len(rows) + 1 .. step
                 raise FloatingPointError(f"non-finite loss or gradient norm at step {bad} (updates were skipped); "
-                                         f"last metrics {rows[-1]}")
+                                         f"its metrics {rows[i]}")
             writer.write_scalars(step, {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]})
         if stop["requested"]:
             logging.warning("SIGTERM: saving step %d and stopping", step)
@@ -316,9 +367,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
             run_evaluation(c, model, data, writer, step, workdir_path)
 
     # ----------------------------------------------------------------------------------------------------- End ----
-    mngr.wait_until_finished()
-    mngr.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    cleanup.close()  # mngr.close() (waits for the last save), then the previous SIGTERM handler
     result: dict[str, Any] = {"step": step, "history": history, "stopped_early": stop["requested"],
                               "seconds": time.perf_counter() - t_start}
     if not stop["requested"]:
