@@ -16,7 +16,6 @@ params, optimiser state, RNG, step and the grain iterator), TensorBoard events, 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal

@@ -17,10 +17,14 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uvigu.models.flat_params import abbrev as _abbrev
+from uvigu.models.flat_params import filled_state as _filled_state
+from uvigu.models.flat_params import (stack_blocks, state_to_flat_params,  # noqa: F401 (re-exported)
+                                      unstack_blocks)
+from uvigu.models.flat_params import to_numpy as _to_numpy
 from uvigu.models.umt5 import UMT5Config, UMT5Encoder
 
 SHARED_KEY = "shared.weight"
@@ -28,7 +32,6 @@ TIED_KEY = "encoder.embed_tokens.weight"
 EMBEDDING_PATH = "embed_tokens.embedding"
 
 _HF_BLOCK_KEY = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
-_OURS_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _ORIGINAL_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 # hf key (minus `encoder.block.{i}.`) -> (our path minus `blocks.`, is a Linear weight)
@@ -189,10 +192,6 @@ def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: UMT5Config, what: s
                          f"vocab={cfg.vocab_size}, gated={cfg.is_gated}): " + "; ".join(problems))
 
 
-def _abbrev(items: list[str], n: int = 12) -> str:
-    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
-
-
 def hf_to_params(state_dict: Mapping[str, Any], cfg: UMT5Config, dtype=None) -> dict[str, np.ndarray]:
     """A whole transformers `UMT5EncoderModel` state dict (numpy or torch tensors) -> our flat params, stacked
     layout. Raises ValueError naming missing, unexpected and mis-shaped keys, or a tied pair that differs."""
@@ -305,28 +304,6 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> UMT5Config:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def state_to_flat_params(model_or_state) -> dict[str, Any]:
-    """{dotted path: array} of every nnx.Param of a module (or a State)."""
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
-    return {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(state)}
-
-
-def _filled_state(state: nnx.State, flat: Mapping[str, Any]) -> nnx.State:
-    """`state` with every param replaced by `flat[path]` (cast to the param's dtype); paths and shapes must match."""
-    variables = {".".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(state)}
-    missing, unexpected = sorted(set(variables) - set(flat)), sorted(set(flat) - set(variables))
-    if missing or unexpected:
-        raise ValueError(f"params do not match the umT5 encoder: missing [{_abbrev(missing)}]; "
-                         f"unexpected [{_abbrev(unexpected)}]")
-    filled = []
-    for path, (key, var) in variables.items():
-        value = flat[path]
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"param {path}: expected shape {tuple(var.shape)}, got {tuple(value.shape)}")
-        filled.append((key, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    return nnx.from_flat_state(filled)
-
-
 def model_from_params(cfg: UMT5Config, flat: Mapping[str, Any]) -> UMT5Encoder:
     """A `UMT5Encoder` built from flat params (stacked layout) without running its random init (`nnx.eval_shape`,
     then fill); unstacked here when `cfg.scan_layers` is False. Raises ValueError naming any param whose path or
@@ -342,49 +319,6 @@ def model_from_params(cfg: UMT5Config, flat: Mapping[str, Any]) -> UMT5Encoder:
         flat = unstack_blocks(flat, cfg.num_layers)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, _filled_state(state, flat))
-
-
-def unstack_blocks(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Stacked layout (`blocks.x.y` [L, ...]) -> looped layout (`blocks.{i}.x.y`)."""
-    out = {}
-    for path, a in flat.items():
-        if path.startswith("blocks."):
-            for i in range(num_layers):
-                out[f"blocks.{i}.{path[len('blocks.'):]}"] = a[i]
-        else:
-            out[path] = a
-    return out
-
-
-def stack_blocks(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Looped layout (`blocks.{i}.x.y`) -> stacked layout (`blocks.x.y` [L, ...])."""
-    out, per_layer = {}, {}
-    for path, a in flat.items():
-        m = _OURS_BLOCK_KEY.match(path)
-        if m:
-            per_layer.setdefault(m.group(2), {})[int(m.group(1))] = a
-        else:
-            out[path] = a
-    for rest, by_layer in per_layer.items():
-        if sorted(by_layer) != list(range(num_layers)):
-            raise ValueError(f"blocks.*.{rest}: have layers {sorted(by_layer)}, expected 0..{num_layers - 1}")
-        out[f"blocks.{rest}"] = np.stack([np.asarray(by_layer[i]) for i in range(num_layers)])
-    return out
-
-
-def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):  # a torch tensor; bf16 has no numpy dtype, go through float32
-        import torch
-
-        t = x.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return t.float().numpy().astype(ml_dtypes.bfloat16)
-        return t.numpy()
-    return np.asarray(x)
 
 
 def iter_keys(keys: Iterable[str]) -> list[str]:

@@ -37,7 +37,7 @@ from jaxtyping import Array, Bool, Float, Int
 from uvigu import flow, sharding
 from uvigu.models import layers
 from uvigu.models.model_config import ModelConfig
-from uvigu.models.wan import TimeEmbedding, WanConfig, WanDiT, WanFeedForward, layer_stack, split_modulation
+from uvigu.models.wan import TimeEmbedding, WanDiT, WanFeedForward, layer_stack, split_modulation
 
 TextFlow = Literal["embedding", "discrete"]
 

@@ -15,10 +15,14 @@ import math
 import re
 from typing import Any, Iterable, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uvigu.models.flat_params import abbrev as _abbrev
+from uvigu.models.flat_params import filled_state as _filled_state
+from uvigu.models.flat_params import (load_flat_params, stack_blocks, state_to_flat_params,  # noqa: F401 (re-exported)
+                                      unstack_blocks)
+from uvigu.models.flat_params import to_numpy as _to_numpy
 from uvigu.models.wan import WanConfig
 
 ORIGINAL_PREFIX = "model.diffusion_model."
@@ -232,10 +236,6 @@ def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: WanConfig, what: st
                          + "; ".join(problems))
 
 
-def _abbrev(items: list[str], n: int = 12) -> str:
-    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
-
-
 def diffusers_to_params(state_dict: Mapping[str, Any], cfg: WanConfig, dtype=None) -> dict[str, np.ndarray]:
     """A whole diffusers state dict (numpy or torch tensors) -> our flat params, stacked layout.
 
@@ -318,33 +318,6 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], **known) -> tuple[WanCon
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def state_to_flat_params(model_or_state) -> dict[str, Any]:
-    """{dotted path: array} of every nnx.Param of a module (or a State)."""
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
-    return {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(state)}
-
-
-def _filled_state(state: nnx.State, flat: Mapping[str, Any]) -> nnx.State:
-    """`state` with every param replaced by `flat[path]` (cast to the param's dtype); all paths must match."""
-    variables = {".".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(state)}
-    missing, unexpected = sorted(set(variables) - set(flat)), sorted(set(flat) - set(variables))
-    if missing or unexpected:
-        raise ValueError(f"params do not match the model: missing [{_abbrev(missing)}]; "
-                         f"unexpected [{_abbrev(unexpected)}]")
-    filled = []
-    for path, (key, var) in variables.items():
-        value = flat[path]
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"param {path}: expected shape {tuple(var.shape)}, got {tuple(value.shape)}")
-        filled.append((key, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    return nnx.from_flat_state(filled)
-
-
-def load_flat_params(model: nnx.Module, flat: Mapping[str, Any]) -> None:
-    """Writes `flat` into `model`'s params in place; every param must be given exactly once with its shape."""
-    nnx.update(model, _filled_state(nnx.state(model, nnx.Param), flat))
-
-
 def model_from_params(cfg: WanConfig, flat: Mapping[str, Any]):
     """A `WanDiT` built from flat params without running its random init (`nnx.eval_shape`, then fill).
 
@@ -356,49 +329,6 @@ def model_from_params(cfg: WanConfig, flat: Mapping[str, Any]):
         flat = unstack_blocks(flat, cfg.num_layers)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, _filled_state(state, flat))
-
-
-def unstack_blocks(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Stacked layout (`blocks.x.y` [L, ...]) -> looped layout (`blocks.{i}.x.y`)."""
-    out = {}
-    for path, a in flat.items():
-        if path.startswith("blocks."):
-            for i in range(num_layers):
-                out[f"blocks.{i}.{path[len('blocks.'):]}"] = a[i]
-        else:
-            out[path] = a
-    return out
-
-
-def stack_blocks(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Looped layout (`blocks.{i}.x.y`) -> stacked layout (`blocks.x.y` [L, ...])."""
-    out, per_layer = {}, {}
-    for path, a in flat.items():
-        m = _BLOCK_KEY.match(path)
-        if m:
-            per_layer.setdefault(m.group(2), {})[int(m.group(1))] = a
-        else:
-            out[path] = a
-    for rest, layers_ in per_layer.items():
-        if sorted(layers_) != list(range(num_layers)):
-            raise ValueError(f"blocks.*.{rest}: have layers {sorted(layers_)}, expected 0..{num_layers - 1}")
-        out[f"blocks.{rest}"] = np.stack([np.asarray(layers_[i]) for i in range(num_layers)])
-    return out
-
-
-def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):  # a torch tensor; bf16 has no numpy dtype, go through float32
-        import torch
-
-        t = x.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return t.float().numpy().astype(ml_dtypes.bfloat16)
-        return t.numpy()
-    return np.asarray(x)
 
 
 def iter_keys(shapes: Iterable[str]) -> list[str]:

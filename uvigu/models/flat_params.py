@@ -1,0 +1,92 @@
+"""Params as a flat {dotted path: array} dict, the form every converter and checkpoint speaks, and the two block
+layouts: *stacked* (`blocks.x.y` [L, ...], for nnx.scan; the on-disk form) and *looped* (`blocks.{i}.x.y`).
+
+Model-independent: `wan_keys` and `umt5_keys` map their reference layouts onto these paths and use these helpers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_LOOPED_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def abbrev(items: list[str], n: int = 12) -> str:
+    """The first `n` items and how many more: keeps error messages about big checkpoints readable."""
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def state_to_flat_params(model_or_state) -> dict[str, Any]:
+    """{dotted path: array} of every nnx.Param of a module (or a State)."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(state)}
+
+
+def filled_state(state: nnx.State, flat: Mapping[str, Any]) -> nnx.State:
+    """`state` (concrete or from `nnx.eval_shape`) with every param replaced by `flat[path]`, cast to the param's
+    dtype; paths and shapes must match exactly, else a ValueError names them."""
+    variables = {".".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(state)}
+    missing, unexpected = sorted(set(variables) - set(flat)), sorted(set(flat) - set(variables))
+    if missing or unexpected:
+        raise ValueError(f"params do not match the model: missing [{abbrev(missing)}]; unexpected [{abbrev(unexpected)}]")
+    filled = []
+    for path, (key, var) in variables.items():
+        value = flat[path]
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"param {path}: expected shape {tuple(var.shape)}, got {tuple(value.shape)}")
+        filled.append((key, var.replace(jnp.asarray(value, dtype=var.dtype))))
+    return nnx.from_flat_state(filled)
+
+
+def load_flat_params(model: nnx.Module, flat: Mapping[str, Any]) -> None:
+    """Writes `flat` into `model`'s params in place; every param must be given exactly once with its shape."""
+    nnx.update(model, filled_state(nnx.state(model, nnx.Param), flat))
+
+
+def unstack_blocks(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Stacked layout (`blocks.x.y` [L, ...]) -> looped layout (`blocks.{i}.x.y`)."""
+    out = {}
+    for path, a in flat.items():
+        if path.startswith("blocks."):
+            for i in range(num_layers):
+                out[f"blocks.{i}.{path[len('blocks.'):]}"] = a[i]
+        else:
+            out[path] = a
+    return out
+
+
+def stack_blocks(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Looped layout (`blocks.{i}.x.y`) -> stacked layout (`blocks.x.y` [L, ...])."""
+    out, per_layer = {}, {}
+    for path, a in flat.items():
+        m = _LOOPED_BLOCK.match(path)
+        if m:
+            per_layer.setdefault(m.group(2), {})[int(m.group(1))] = a
+        else:
+            out[path] = a
+    for rest, by_layer in per_layer.items():
+        if sorted(by_layer) != list(range(num_layers)):
+            raise ValueError(f"blocks.*.{rest}: have layers {sorted(by_layer)}, expected 0..{num_layers - 1}")
+        out[f"blocks.{rest}"] = np.stack([np.asarray(by_layer[i]) for i in range(num_layers)])
+    return out
+
+
+def to_numpy(x) -> np.ndarray:
+    """A numpy array from numpy / jax / torch; torch bf16 (no numpy dtype) goes through float32 to ml_dtypes."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):
+        import torch
+
+        t = x.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.float().numpy().astype(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(x)
