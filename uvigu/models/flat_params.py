@@ -21,6 +21,25 @@ def abbrev(items: list[str], n: int = 12) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def shape_problems(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], *,
+                   optional: frozenset[str] = frozenset(), order=sorted) -> list[str]:
+    """What keeps a checkpoint's {key: shape} from matching `expected`: counts and names of missing (all but
+    `optional`), unexpected and mis-shaped keys, as message fragments; empty when it matches. `order` sorts keys for
+    the report (e.g. blocks in numeric layer order)."""
+    missing = order(set(expected) - set(shapes) - set(optional))
+    unexpected = order(set(shapes) - set(expected))
+    wrong = [f"{k}: expected {tuple(expected[k])}, got {tuple(shapes[k])}"
+             for k in order(set(expected) & set(shapes)) if tuple(shapes[k]) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {abbrev(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {abbrev(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} mis-shaped tensor(s): {abbrev(wrong)}")
+    return problems
+
+
 def state_to_flat_params(model_or_state) -> dict[str, Any]:
     """{dotted path: array} of every nnx.Param of a module (or a State)."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)

@@ -20,10 +20,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from flax import nnx
 
-from uvigu.models.flat_params import abbrev as _abbrev
 from uvigu.models.flat_params import filled_state as _filled_state
 from uvigu.models.flat_params import (stack_blocks, state_to_flat_params,  # noqa: F401 (re-exported)
                                       unstack_blocks)
+from uvigu.models.flat_params import shape_problems
 from uvigu.models.flat_params import to_numpy as _to_numpy
 from uvigu.models.umt5 import UMT5Config, UMT5Encoder
 
@@ -171,21 +171,10 @@ def expected_param_shapes(cfg: UMT5Config) -> dict[str, tuple[int, ...]]:
 def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: UMT5Config, what: str = "checkpoint") -> None:
     """Raises a ValueError naming every missing, unexpected and mis-shaped key. The embedding may appear under
     `shared.weight`, `encoder.embed_tokens.weight` or both."""
-    expected = expected_hf_shapes(cfg, tied=True)
-    required = set(expected) - {SHARED_KEY, TIED_KEY}
-    missing = sorted(required - set(shapes))
+    problems = shape_problems(shapes, expected_hf_shapes(cfg, tied=True), optional=frozenset({SHARED_KEY, TIED_KEY}),
+                              order=iter_keys)
     if SHARED_KEY not in shapes and TIED_KEY not in shapes:
-        missing.insert(0, f"{SHARED_KEY} (or {TIED_KEY})")
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k}: expected {expected[k]}, got {tuple(shapes[k])}"
-             for k in iter_keys(set(expected) & set(shapes)) if tuple(shapes[k]) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_abbrev(iter_keys(missing))}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_abbrev(iter_keys(unexpected))}")
-    if wrong:
-        problems.append(f"{len(wrong)} mis-shaped tensor(s): {_abbrev(wrong)}")
+        problems.insert(0, f"missing key: {SHARED_KEY} (or {TIED_KEY})")
     if problems:
         raise ValueError(f"{what} does not match the umT5 encoder config (d_model={cfg.d_model}, "
                          f"layers={cfg.num_layers}, heads={cfg.num_heads}x{cfg.d_kv}, d_ff={cfg.d_ff}, "
@@ -308,13 +297,9 @@ def model_from_params(cfg: UMT5Config, flat: Mapping[str, Any]) -> UMT5Encoder:
     """A `UMT5Encoder` built from flat params (stacked layout) without running its random init (`nnx.eval_shape`,
     then fill); unstacked here when `cfg.scan_layers` is False. Raises ValueError naming any param whose path or
     shape does not match `cfg` (in the stacked names, whatever the layout)."""
-    expected = expected_param_shapes(cfg)
-    missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
-    wrong = [f"{k}: expected {expected[k]}, got {tuple(flat[k].shape)}"
-             for k in sorted(set(expected) & set(flat)) if tuple(flat[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        raise ValueError(f"params do not match the umT5 encoder config: missing [{_abbrev(missing)}]; "
-                         f"unexpected [{_abbrev(unexpected)}]; mis-shaped [{_abbrev(wrong)}]")
+    problems = shape_problems({k: tuple(v.shape) for k, v in flat.items()}, expected_param_shapes(cfg))
+    if problems:
+        raise ValueError("params do not match the umT5 encoder config: " + "; ".join(problems))
     if not cfg.scan_layers:
         flat = unstack_blocks(flat, cfg.num_layers)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0))))

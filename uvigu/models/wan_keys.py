@@ -18,10 +18,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from flax import nnx
 
-from uvigu.models.flat_params import abbrev as _abbrev
 from uvigu.models.flat_params import filled_state as _filled_state
 from uvigu.models.flat_params import (load_flat_params, stack_blocks, state_to_flat_params,  # noqa: F401 (re-exported)
                                       unstack_blocks)
+from uvigu.models.flat_params import shape_problems
 from uvigu.models.flat_params import to_numpy as _to_numpy
 from uvigu.models.wan import WanConfig
 
@@ -219,18 +219,7 @@ def expected_param_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
 
 def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: WanConfig, what: str = "checkpoint") -> None:
     """Raises a ValueError naming every missing, unexpected and mis-shaped diffusers key."""
-    expected = expected_diffusers_shapes(cfg)
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k}: expected {expected[k]}, got {tuple(shapes[k])}"
-             for k in sorted(set(expected) & set(shapes)) if tuple(shapes[k]) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_abbrev(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_abbrev(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} mis-shaped tensor(s): {_abbrev(wrong)}")
+    problems = shape_problems(shapes, expected_diffusers_shapes(cfg))
     if problems:
         raise ValueError(f"{what} does not match the Wan2.1 DiT config (dim={cfg.dim}, layers={cfg.num_layers}): "
                          + "; ".join(problems))
