@@ -77,9 +77,8 @@ def main(argv):
         logging.info("==== %s (%d steps) ====", stage, c.total_steps)
         results[stage] = train.train_and_evaluate(c, str(root / stage))
         history = results[stage]["history"]
-        last = history[-1]["loss"] if history else float("nan")
-        print(f"{stage:>13}: {c.total_steps} steps, final loss {last:.4f}, {time.perf_counter() - t_stage:.0f} s",
-              flush=True)
+        done = f"final loss {history[-1]['loss']:.4f}" if history else "already trained (resumed at its last step)"
+        print(f"{stage:>13}: {c.total_steps} steps, {done}, {time.perf_counter() - t_stage:.0f} s", flush=True)
     final = results["stage2"]["eval"]
     chance = final["chance"]
     summary = {"seconds": time.perf_counter() - t0, "text_flow": _TEXT_FLOW.value,
