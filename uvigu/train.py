@@ -138,14 +138,11 @@ def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
         make = lambda: UniViGU(WanDiT(wcfg, rngs=nnx.Rngs(seed)), ucfg, rngs=nnx.Rngs(seed + 1))
     model = sharding.sharded_init(make, mesh)
 
+    check_init_source(c)
     kind, path = c.init.kind, c.init.path
     if kind == "scratch":
         return model
-    if not path:
-        raise TrainingError(f"config.init.kind={kind!r} needs config.init.path")
     if kind == "wan":
-        if not Path(path).exists():
-            raise TrainingError(f"init checkpoint {path} does not exist (config.init.path)")
         execution = {k: getattr(wcfg, k) for k in checkpoint.EXECUTION_FIELDS}
         architecture = {k: v for k, v in wcfg.to_dict().items() if k not in checkpoint.EXECUTION_FIELDS}
         try:
@@ -159,8 +156,6 @@ def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
         return model
     if kind == "stage":
         src = Path(path)
-        if not (src / RUN_CONFIG_FILE).exists():
-            raise TrainingError(f"init workdir {src} has no {RUN_CONFIG_FILE} (config.init.path)")
         found = json.loads((src / RUN_CONFIG_FILE).read_text())["model"]
         _check_same_model(found, model_description(c), src)
         with ocp.CheckpointManager((src / "checkpoints").absolute()) as mngr:
@@ -173,7 +168,25 @@ def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
         _update_from_pure_dict(model, params, restored["state"]["params"])
         logging.info("initialised params from %s step %d", src, step)
         return model
-    raise TrainingError(f"config.init.kind={kind!r} is not scratch | wan | stage")
+    raise AssertionError(kind)  # check_init_source admits nothing else
+
+
+INIT_KINDS = ("scratch", "wan", "stage")
+
+
+def check_init_source(c: ml_collections.ConfigDict) -> None:
+    """Fails fast (before a workdir, a dataset or a model exists) on an init source that cannot be loaded."""
+    kind, path = c.init.kind, c.init.path
+    if kind not in INIT_KINDS:
+        raise TrainingError(f"config.init.kind={kind!r} is not one of {' | '.join(INIT_KINDS)}")
+    if kind == "scratch":
+        return
+    if not path:
+        raise TrainingError(f"config.init.kind={kind!r} needs config.init.path")
+    if kind == "wan" and not Path(path).exists():
+        raise TrainingError(f"init checkpoint {path} does not exist (config.init.path)")
+    if kind == "stage" and not (Path(path) / RUN_CONFIG_FILE).exists():
+        raise TrainingError(f"init workdir {path} has no {RUN_CONFIG_FILE} (config.init.path)")
 
 
 def _update_from_pure_dict(module: nnx.Module, state, pure: dict) -> None:
@@ -250,6 +263,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
 def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------------------------- Setup ----
+    check_init_source(c)
     workdir_path = Path(workdir).absolute()
     workdir_path.mkdir(parents=True, exist_ok=True)
     description = model_description(c)
