@@ -130,6 +130,7 @@ def _check_same_model(found: dict, expected: dict, where: Path) -> None:
 def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
     """The stage's model, built straight into its shards (`jax.eval_shape` first, then a sharded init), then
     initialised from `config.init` (scratch | wan | stage)."""
+    check_init_source(c)  # before the (possibly large) init; the loop calls it even earlier, before its workdir
     wcfg, seed = run_config.wan_config(c), c.seed
     if c.stage == "pretrain_t2v":
         make = lambda: WanDiT(wcfg, rngs=nnx.Rngs(seed))
@@ -138,7 +139,6 @@ def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
         make = lambda: UniViGU(WanDiT(wcfg, rngs=nnx.Rngs(seed)), ucfg, rngs=nnx.Rngs(seed + 1))
     model = sharding.sharded_init(make, mesh)
 
-    check_init_source(c)
     kind, path = c.init.kind, c.init.path
     if kind == "scratch":
         return model
