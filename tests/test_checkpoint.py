@@ -1,8 +1,9 @@
-"""`uvigu.checkpoint`: model folders written by `save_wan_dit`, read back by `load_pretrained` with overrides, in the
+"""`uvigu.checkpoint`: model folders written by `save_pretrained`, read back by `load_pretrained` with overrides, in the
 scanned or looped layout, optionally straight onto a mesh."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from flax import nnx
 
 from reference import rel_err
 from uvigu import checkpoint
-from uvigu.checkpoint import CheckpointError, load_pretrained, save_wan_dit
+from uvigu.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from uvigu.models import wan_keys
 from uvigu.models.wan import WanConfig, WanDiT
 
@@ -34,8 +35,8 @@ def random_params(config: WanConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def random_model(tmp: Path, config: WanConfig = CFG, seed: int = 0) -> WanDiT:
-    checkpoint.save_wan_dit_params(tmp / f"random-{seed}" / "dit", random_params(config, seed), config,
-                                   overwrite=True)
+    checkpoint.save_params(tmp / f"random-{seed}" / "dit", checkpoint.WAN_DIT, config, random_params(config, seed),
+                           overwrite=True)
     return load_pretrained(tmp / f"random-{seed}")
 
 
@@ -63,7 +64,7 @@ def saved(tmp_path_factory):
     """(DST, its params, the loaded model's output): the model folder is DST/dit, as the converter writes it."""
     dst = tmp_path_factory.mktemp("ckpt")
     params = random_params(CFG)
-    checkpoint.save_wan_dit_params(dst / "dit", params, CFG, source={"kind": "test"})
+    checkpoint.save_params(dst / "dit", checkpoint.WAN_DIT, CFG, params, source={"kind": "test"})
     return dst, params, out(load_pretrained(dst))
 
 
@@ -79,8 +80,8 @@ def test_round_trip(saved, tmp_path):
     meta = json.loads((dst / "dit/config.json").read_text())
     assert meta["model"] == "wan_dit" and meta["format_version"] == 1 and meta["source"] == {"kind": "test"}
     assert sorted(p.name for p in (dst / "dit").iterdir()) == ["config.json", "params"]
-    # a module saved with save_wan_dit loads back identical
-    save_wan_dit(tmp_path / "dit", loaded)
+    # a module saved with save_pretrained loads back identical
+    save_pretrained(tmp_path / "dit", loaded)
     assert np.array_equal(out(load_pretrained(tmp_path)), want)
 
 
@@ -91,7 +92,7 @@ def test_looped_layout(saved, tmp_path):
     assert looped.blocks[1].attn1.to_q.kernel.shape == (CFG.dim, CFG.dim)
     assert rel_err(out(looped), want) <= 1e-6
     # saving a looped model writes the canonical stacked layout
-    save_wan_dit(tmp_path / "dit", looped)
+    save_pretrained(tmp_path / "dit", looped)
     assert json.loads((tmp_path / "dit/config.json").read_text())["config"]["scan_layers"] is True
     again = load_pretrained(tmp_path)
     assert again.config.scan_layers
@@ -109,6 +110,44 @@ def test_dtype_overrides(saved):
         params["blocks.ffn.proj_in.kernel"].astype(jnp.bfloat16))
     assert rel_err(out(bf16), want) < 5e-2
     assert checkpoint.load_config(dst, remat_policy="full", attention_backend="cudnn").remat_policy == "full"
+    # Dtypes as Flax users write them: a jnp scalar type, a numpy type or dtype, or the name.
+    for given, name in ((jnp.bfloat16, "bfloat16"), (np.float32, "float32"), (np.dtype("bfloat16"), "bfloat16"),
+                        (jnp.float32, "float32")):
+        assert checkpoint.load_config(dst, dtype=given, param_dtype=given).param_dtype == name
+    f32 = load_pretrained(dst, dtype=jnp.float32)
+    assert f32.config.dtype == "float32" and rel_err(out(f32), want) < 1e-6
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_univigu_folder_round_trip(tmp_path, scan_layers):
+    """A UniViGU saves as one folder (DiT + text side, stacks stacked on disk) and loads back as a UniViGU, in either
+    layer layout, with execution overrides applied to its DiT."""
+    from uvigu.models.univigu import UniViGU, UniViGUConfig
+
+    wcfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+    ucfg = UniViGUConfig(text_flow="discrete", vocab_size=40, max_text_len=8, ffn_t_dim=24)
+    model = UniViGU(WanDiT(wcfg, rngs=nnx.Rngs(0)), ucfg, rngs=nnx.Rngs(1))
+    checkpoint.save_pretrained(tmp_path / "univigu", model)
+    meta = json.loads((tmp_path / "univigu/config.json").read_text())
+    assert meta["model"] == "univigu" and meta["config"]["wan"]["scan_layers"] is True
+    assert meta["config"]["univigu"]["ffn_t_dim"] == 24
+    loaded = load_pretrained(tmp_path, scan_layers=not scan_layers, dtype=jnp.float32)  # DST root: finds univigu/
+    assert isinstance(loaded, UniViGU) and loaded.config == ucfg and loaded.dit.config.scan_layers is (not scan_layers)
+    want = wan_keys.state_to_flat_params(model)
+    got = wan_keys.state_to_flat_params(loaded)
+    num = CFG.num_layers
+    prefixes = ("dit.blocks", "ffn_t")
+    if scan_layers:
+        got = wan_keys.stack_blocks({k: np.asarray(v) for k, v in got.items()}, num, prefixes)
+    else:
+        want = wan_keys.stack_blocks({k: np.asarray(v) for k, v in want.items()}, num, prefixes)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+    with pytest.raises(CheckpointError, match="text_flow"):
+        load_pretrained(tmp_path, text_flow="embedding")
+    with pytest.raises(CheckpointError, match="holds a univigu, not a wan_dit"):
+        load_pretrained(tmp_path / "univigu", kind="wan_dit")
 
 
 def test_override_errors(saved):
@@ -144,17 +183,17 @@ def test_bad_folders(saved, tmp_path):
         load_pretrained(variant("version", lambda m: m.update(format_version=7)))
     with pytest.raises(CheckpointError, match="no 'model' field"):
         load_pretrained(variant("diffusers", lambda m: m.pop("model")))
-    with pytest.raises(CheckpointError, match=r"mis-shaped: .*blocks\.ffn\.proj_in\.bias expected \(2, 64\) got \(2, 96\)"):
+    with pytest.raises(CheckpointError, match=r"mis-shaped tensor\(s\): .*blocks\.ffn\.proj_in\.bias: expected \(2, 64\), got \(2, 96\)"):
         load_pretrained(variant("shapes", lambda m: m["config"].update(ffn_dim=64)))
 
 
 def test_save_is_atomic(tmp_path, tmp_path_factory, monkeypatch):
     scratch = tmp_path_factory.mktemp("scratch")
     model = random_model(scratch, seed=1)
-    with pytest.raises(CheckpointError, match="mis-shaped: blocks.attn1.to_q.bias"):
+    with pytest.raises(CheckpointError, match="mis-shaped tensor\\(s\\): blocks.attn1.to_q.bias"):
         flat = flat_numpy(model)
         flat["blocks.attn1.to_q.bias"] = flat["blocks.attn1.to_q.bias"][:, :-1]
-        checkpoint.save_wan_dit_params(tmp_path / "dit", flat, CFG)
+        checkpoint.save_params(tmp_path / "dit", checkpoint.WAN_DIT, CFG, flat)
     assert list(tmp_path.iterdir()) == []
 
     def broken_save(self, *args, **kwargs):
@@ -163,13 +202,13 @@ def test_save_is_atomic(tmp_path, tmp_path_factory, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(checkpoint.ocp.Checkpointer, "save", broken_save)
         with pytest.raises(OSError, match="disk full"):
-            save_wan_dit(tmp_path / "dit", model)
+            save_pretrained(tmp_path / "dit", model)
     assert list(tmp_path.iterdir()) == []  # no dit, no staging folder
 
-    save_wan_dit(tmp_path / "dit", model)
+    save_pretrained(tmp_path / "dit", model)
     with pytest.raises(CheckpointError, match="already exists"):
-        save_wan_dit(tmp_path / "dit", random_model(scratch, seed=2))
-    save_wan_dit(tmp_path / "dit", random_model(scratch, seed=2), overwrite=True)
+        save_pretrained(tmp_path / "dit", random_model(scratch, seed=2))
+    save_pretrained(tmp_path / "dit", random_model(scratch, seed=2), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dit"]
     assert np.array_equal(flat_numpy(load_pretrained(tmp_path))["proj_out.bias"],
                           random_params(CFG, seed=2)["proj_out.bias"])

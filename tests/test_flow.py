@@ -8,8 +8,11 @@ import pytest
 from flax import nnx
 
 from uvigu import flow
+from uvigu.models.text_table import TextEmbeddingTable
 
 KEY = jax.random.key(0)
+# The per-token losses of the two text flows (the embedding flow's loss does not touch its table).
+FLOWS = {"embedding": flow.EmbeddingTextFlow(None), "discrete": flow.DiscreteTextFlow(5)}
 N_TAU = 8192  # one sample count for every τ test: each new shape costs an XLA compile on CPU
 
 
@@ -113,20 +116,20 @@ def test_shift_sigma():
 
 
 def test_embedding_round_trip_and_fixed_norm():
-    table = flow.TextEmbeddingTable(64, 16, rngs=nnx.Rngs(1))
+    table = TextEmbeddingTable(64, 16, rngs=nnx.Rngs(1))
     ids = _ids(3, 20, vocab=64)
     z = table.embed(ids)
     assert z.shape == (3, 20, 16)
     np.testing.assert_array_equal(table.decode(z), ids)
     np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 4.0, rtol=1e-5)  # default sqrt(E)
-    custom = flow.TextEmbeddingTable(64, 16, rngs=nnx.Rngs(1), row_norm=2.5)
+    custom = TextEmbeddingTable(64, 16, rngs=nnx.Rngs(1), row_norm=2.5)
     np.testing.assert_allclose(jnp.linalg.norm(custom.table(), axis=-1), 2.5, rtol=1e-5)
 
 
 def test_embedding_table_does_not_collapse_under_mse():
     """Steps on losses that an unnormalised table would minimise by shrinking / merging rows."""
     vocab, dim = 32, 16
-    table = flow.TextEmbeddingTable(vocab, dim, rngs=nnx.Rngs(2))
+    table = TextEmbeddingTable(vocab, dim, rngs=nnx.Rngs(2))
     raw_before = np.asarray(table.embedding[...])
     opt = nnx.Optimizer(table, optax.sgd(1.0), wrt=nnx.Param)
     a, b = _ids(4, 8, vocab=vocab, seed=1), _ids(4, 8, vocab=vocab, seed=2)
@@ -161,7 +164,7 @@ def test_embedding_table_does_not_collapse_under_mse():
 
 
 def test_rounding_loss_prefers_the_right_row_and_ignores_padding():
-    table = flow.TextEmbeddingTable(20, 8, rngs=nnx.Rngs(3))
+    table = TextEmbeddingTable(20, 8, rngs=nnx.Rngs(3))
     ids = jnp.array([[1, 2, 3, 4]])
     mask = jnp.array([[1, 1, 1, 0]])
     right = flow.rounding_loss(table, table.embed(ids), ids, mask)
@@ -236,19 +239,20 @@ def _loss_inputs(text_last_dim):
 def test_loss_ignores_padding(text_flow):
     video_pred, video_target, text_pred, mask = _loss_inputs(5)
     text_target = _normal(2, 4, 5, seed=3) if text_flow == "embedding" else _ids(2, 4, vocab=5, seed=3)
-    base, _ = flow.uni_flow_loss(video_pred, video_target, text_pred, text_target, mask, text_flow=text_flow)
+    base, _ = flow.uni_flow_loss(video_pred, video_target, text_pred, text_target, mask, text_flow=FLOWS[text_flow])
     padded_changed = text_pred.at[0, 3].add(7.0).at[1, 2:].add(-3.0)
-    same, _ = flow.uni_flow_loss(video_pred, video_target, padded_changed, text_target, mask, text_flow=text_flow)
+    same, _ = flow.uni_flow_loss(video_pred, video_target, padded_changed, text_target, mask, text_flow=FLOWS[text_flow])
     np.testing.assert_allclose(same, base, rtol=1e-6)
     valid_changed = text_pred.at[1, 1].add(jnp.arange(text_pred.shape[-1], dtype=jnp.float32))  # not a softmax no-op
-    other, _ = flow.uni_flow_loss(video_pred, video_target, valid_changed, text_target, mask, text_flow=text_flow)
+    other, _ = flow.uni_flow_loss(video_pred, video_target, valid_changed, text_target, mask, text_flow=FLOWS[text_flow])
     assert abs(float(other) - float(base)) > 1e-3
 
 
 def test_loss_equals_lambda_weighted_sum_form():
     video_pred, video_target, text_pred, mask = _loss_inputs(5)
     text_target = _normal(2, 4, 5, seed=3)
-    loss, parts = flow.uni_flow_loss(video_pred, video_target, text_pred, text_target, mask)
+    loss, parts = flow.uni_flow_loss(video_pred, video_target, text_pred, text_target, mask,
+                                     text_flow=FLOWS["embedding"])
     vp, vt, tp, tt, m = map(np.asarray, (video_pred, video_target, text_pred, text_target, mask))
     # explicit: per-token losses (mean over channels / E), summed, λ_v = 1, λ_t = |z_v| / |z_t|, all over |z_v|
     video_tokens = ((vp - vt) ** 2).mean(-1).reshape(-1)  # 2·1·2·2 = 8 tokens
@@ -265,7 +269,7 @@ def test_loss_equals_lambda_weighted_sum_form():
 def test_loss_discrete_uses_cross_entropy():
     video_pred, video_target, logits, mask = _loss_inputs(6)
     ids = _ids(2, 4, vocab=6, seed=3)
-    _, parts = flow.uni_flow_loss(video_pred, video_target, logits, ids, mask, text_flow="discrete")
+    _, parts = flow.uni_flow_loss(video_pred, video_target, logits, ids, mask, text_flow=FLOWS["discrete"])
     ce = np.asarray(flow.token_cross_entropy(logits, ids))
     np.testing.assert_allclose(parts["text"], (ce * np.asarray(mask)).sum() / 5.0, rtol=1e-6)
 
@@ -275,16 +279,18 @@ def test_loss_example_weights_mask_examples():
     text_target = _normal(2, 4, 5, seed=3)
     _, parts = flow.uni_flow_loss(
         video_pred, video_target, text_pred, text_target, mask,
-        video_weight=jnp.array([0.0, 1.0]), text_weight=jnp.array([1.0, 0.0]),
+        video_weight=jnp.array([0.0, 1.0]), text_weight=jnp.array([1.0, 0.0]), text_flow=FLOWS["embedding"],
     )  # fmt: skip
-    _, only_second = flow.uni_flow_loss(video_pred[1:], video_target[1:], text_pred[1:], text_target[1:], mask[1:])
-    _, only_first = flow.uni_flow_loss(video_pred[:1], video_target[:1], text_pred[:1], text_target[:1], mask[:1])
+    _, only_second = flow.uni_flow_loss(video_pred[1:], video_target[1:], text_pred[1:], text_target[1:], mask[1:],
+                                        text_flow=FLOWS["embedding"])
+    _, only_first = flow.uni_flow_loss(video_pred[:1], video_target[:1], text_pred[:1], text_target[:1], mask[:1],
+                                       text_flow=FLOWS["embedding"])
     np.testing.assert_allclose(parts["video"], only_second["video"], rtol=1e-6)
     np.testing.assert_allclose(parts["text"], only_first["text"], rtol=1e-6)
     # everything masked: zero, not NaN
     total, _ = flow.uni_flow_loss(
-        video_pred, video_target, text_pred, text_target, mask, video_weight=jnp.zeros(2), text_weight=jnp.zeros(2)
-    )
+        video_pred, video_target, text_pred, text_target, mask, video_weight=jnp.zeros(2), text_weight=jnp.zeros(2),
+        text_flow=FLOWS["embedding"])
     assert float(total) == 0.0
 
 

@@ -9,6 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from flax import nnx
 
+from uvigu.models.text_table import TextEmbeddingTable
 from uvigu import flow, sampling
 
 KEY = jax.random.key(0)
@@ -227,11 +228,11 @@ def test_t2v_is_jittable_and_deterministic():
 def test_mixture_step_jump_rate(power):
     ids = jnp.full((64, 256), 9, jnp.int32)  # all mask
     logits = 50.0 * jax.nn.one_hot(jnp.full((64, 256), 3), 10)
-    out = np.asarray(sampling.mixture_euler_step(KEY, ids, logits, 0.5, 0.75, power))
+    out = np.asarray(flow.mixture_euler_step(KEY, ids, logits, 0.5, 0.75, power))
     assert set(np.unique(out)) == {3, 9}
     expected = (0.75**power - 0.5**power) / (1.0 - 0.5**power)
     assert abs((out == 3).mean() - expected) < 0.01
-    final = sampling.mixture_euler_step(KEY, ids, logits, 0.9, 1.0, power)
+    final = flow.mixture_euler_step(KEY, ids, logits, 0.9, 1.0, power)
     np.testing.assert_array_equal(final, 3)  # the last step moves every token
 
 
@@ -253,8 +254,9 @@ def test_v2t_discrete_recovers_certain_target(source):
     video = jnp.zeros(VIDEO_SHAPE)
     seen = []
     out = sampling.sample_v2t(
-        _discrete_logits_fn(target, vocab, seen), KEY, video, IDS_SHAPE, CONTEXT,
-        text_flow="discrete", vocab_size=vocab - 1, source=source, mask_id=vocab - 1, num_steps=8, shift=3.0,
+        _discrete_logits_fn(target, vocab, seen), KEY, video,
+        flow.DiscreteTextFlow(vocab - 1, source=source, mask_id=vocab - 1), IDS_SHAPE[1], CONTEXT, num_steps=8,
+        shift=3.0,
     )  # fmt: skip
     np.testing.assert_array_equal(out, target)
     assert seen[0][0] == jnp.int32 and seen[0][1] == IDS_SHAPE  # the model is fed ids
@@ -266,9 +268,9 @@ def test_v2t_discrete_is_random_but_deterministic_given_key():
     def uniform_fn(video, text, tau_v, tau_t, context, text_mask):
         return jnp.zeros_like(video), jnp.zeros(text.shape + (vocab,))
 
-    kwargs = dict(text_flow="discrete", vocab_size=vocab, num_steps=4, shift=1.0)
     video = jnp.zeros(VIDEO_SHAPE)
-    run = jax.jit(lambda key: sampling.sample_v2t(uniform_fn, key, video, IDS_SHAPE, CONTEXT, **kwargs))
+    run = jax.jit(lambda key: sampling.sample_v2t(uniform_fn, key, video, flow.DiscreteTextFlow(vocab), IDS_SHAPE[1],
+                                                  CONTEXT, num_steps=4, shift=1.0))
     a, b, c = run(KEY), run(KEY), run(jax.random.key(9))
     np.testing.assert_array_equal(a, b)
     assert (np.asarray(a) != np.asarray(c)).mean() > 0.5
@@ -280,7 +282,7 @@ def test_v2t_discrete_is_random_but_deterministic_given_key():
 
 
 def test_v2t_embedding_exact_flow_decodes_target():
-    table = flow.TextEmbeddingTable(40, 8, rngs=nnx.Rngs(0))
+    table = TextEmbeddingTable(40, 8, rngs=nnx.Rngs(0))
     target = _ids(*IDS_SHAPE, vocab=40, seed=4)
     x1 = table.embed(target)
 
@@ -289,14 +291,14 @@ def test_v2t_embedding_exact_flow_decodes_target():
         return jnp.zeros_like(video), v_text
 
     out = sampling.sample_v2t(
-        velocity_fn, KEY, jnp.zeros(VIDEO_SHAPE), EMBED_SHAPE, CONTEXT,
-        text_flow="embedding", decode_fn=table.decode, num_steps=6, shift=3.0, solver="unipc",
+        velocity_fn, KEY, jnp.zeros(VIDEO_SHAPE), flow.EmbeddingTextFlow(table), EMBED_SHAPE[1], CONTEXT,
+        num_steps=6, shift=3.0, solver="unipc",
     )  # fmt: skip
     np.testing.assert_array_equal(out, target)
 
 
 def test_joint_embedding_shares_one_tau_grid():
-    table = flow.TextEmbeddingTable(40, 8, rngs=nnx.Rngs(0))
+    table = TextEmbeddingTable(40, 8, rngs=nnx.Rngs(0))
     target = _ids(*IDS_SHAPE, vocab=40, seed=4)
     t1, v1 = table.embed(target), _normal(*VIDEO_SHAPE, seed=5)
 
@@ -307,8 +309,8 @@ def test_joint_embedding_shares_one_tau_grid():
         return v_video, v_text
 
     video, ids = sampling.sample_joint(
-        velocity_fn, KEY, VIDEO_SHAPE, EMBED_SHAPE, CONTEXT,
-        text_flow="embedding", decode_fn=table.decode, num_steps=6, shift=5.0, solver="unipc",
+        velocity_fn, KEY, VIDEO_SHAPE, flow.EmbeddingTextFlow(table), EMBED_SHAPE[1], CONTEXT,
+        num_steps=6, shift=5.0, solver="unipc",
     )  # fmt: skip
     np.testing.assert_allclose(video, v1, atol=1e-5)
     np.testing.assert_array_equal(ids, target)
@@ -328,8 +330,8 @@ def test_joint_discrete_with_guidance():
         return v_video, logits
 
     video, ids = sampling.sample_joint(
-        velocity_fn, KEY, VIDEO_SHAPE, IDS_SHAPE, CONTEXT, jnp.zeros((5, 6)), 4.0,
-        text_flow="discrete", vocab_size=vocab, num_steps=5, shift=3.0, solver="euler",
+        velocity_fn, KEY, VIDEO_SHAPE, flow.DiscreteTextFlow(vocab), IDS_SHAPE[1], CONTEXT, jnp.zeros((5, 6)), 4.0,
+        num_steps=5, shift=3.0, solver="euler",
     )  # fmt: skip
     assert calls == [4]
     np.testing.assert_allclose(video, v1, atol=1e-5)  # both halves pull to v1, so guidance leaves it there

@@ -113,7 +113,7 @@ def test_gradients_reach_text_side_and_frozen_video_moves_nothing_else(text_flow
 
     def loss_fn(m):
         video_v, text_out = m(X, text, TAU_V, TAU_T, CTX, MASK)
-        loss, _ = flow.uni_flow_loss(video_v, jnp.zeros_like(X), text_out, target, MASK, text_flow=text_flow)
+        loss, _ = flow.uni_flow_loss(video_v, jnp.zeros_like(X), text_out, target, MASK, text_flow=m.text_flow)
         return loss
 
     grads = nnx.jit(nnx.grad(loss_fn))(model)
@@ -175,7 +175,7 @@ def test_scanned_and_looped_agree():
 def test_embedding_round_trip_through_the_model():
     model = _model("embedding")
     ids = jnp.asarray(np.random.default_rng(3).integers(0, V, (3, 11)), jnp.int32)
-    np.testing.assert_array_equal(np.asarray(model.decode_text(model.embed_text_targets(ids))), np.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(model.text_flow.decode(model.text_flow.clean(ids))), np.asarray(ids))
 
 
 def test_embedding_table_does_not_collapse_in_training():
@@ -189,7 +189,7 @@ def test_embedding_table_does_not_collapse_in_training():
     def loss_fn(m, key):
         k_tau, k_noise = jax.random.split(key)
         tau_t = jax.random.uniform(k_tau, (2,))
-        z1 = m.embed_text_targets(ids)
+        z1 = m.text_flow.clean(ids)
         z0 = jax.random.normal(k_noise, z1.shape)
         zt = flow.interpolate(z1, z0, tau_t)
         _, v_t = m(X, zt, jnp.ones((2,)), tau_t, CTX, None)
@@ -211,7 +211,7 @@ def test_embedding_table_does_not_collapse_in_training():
     np.testing.assert_allclose(np.linalg.norm(table, axis=-1), np.sqrt(E), rtol=1e-5)
     assert np.abs(np.asarray(model.text_table.embedding[...]) - raw0).max() > 1e-3
     all_ids = jnp.arange(V, dtype=jnp.int32)[None]
-    np.testing.assert_array_equal(np.asarray(model.decode_text(model.embed_text_targets(all_ids))), np.asarray(all_ids))
+    np.testing.assert_array_equal(np.asarray(model.text_flow.decode(model.text_flow.clean(all_ids))), np.asarray(all_ids))
     assert after < before, (before, after)  # deterministic: the same draws before and after
 
 
@@ -227,10 +227,8 @@ def test_samplers_drive_the_model(text_flow):
         video = sampling.sample_t2v(velocity, key, X.shape, _text(m) if text_flow == "embedding" else IDS, CTX,
                                     null_context=jnp.zeros_like(CTX), guidance_scale=3.0, num_steps=3, shift=3.0,
                                     solver="unipc", text_mask=MASK)
-        kw = (dict(decode_fn=m.decode_text) if text_flow == "embedding"
-              else dict(vocab_size=V, source="uniform"))
-        ids = sampling.sample_v2t(velocity, key, X, (2, S, E) if text_flow == "embedding" else (2, S), CTX,
-                                  text_flow=text_flow, num_steps=3, shift=3.0, solver="euler", text_mask=MASK, **kw)
+        ids = sampling.sample_v2t(velocity, key, X, m.text_flow, S, CTX, num_steps=3, shift=3.0, solver="euler",
+                                  text_mask=MASK)
         return video, ids
 
     v1, ids1 = run(state, jax.random.key(0))
@@ -254,7 +252,7 @@ def test_bad_inputs_name_the_argument():
         emb(X, text, TAU_V, TAU_T[:1], CTX)
     with pytest.raises(ValueError, match="token ids"):
         disc(X, text, TAU_V, TAU_T, CTX)
-    with pytest.raises(ValueError, match=r"text ids must be in \[0, vocab_size=50\)"):
+    with pytest.raises(ValueError, match=r"text ids must be in \[0, 50\) \(vocab_size=50\)"):
         disc(X, IDS.at[0, 0].set(V), TAU_V, TAU_T, CTX)
     with pytest.raises(ValueError, match="exceeds max_text_len"):
         disc(X, jnp.zeros((2, 17), jnp.int32), TAU_V, TAU_T, CTX)

@@ -1,59 +1,159 @@
-"""Pretrained-model folders: save a model's params with its config, load them back as a ready NNX module.
+"""Pretrained-model folders of every kind: save a model's params with its config, load them back as a ready module.
 
-A model folder (the converter writes `DST/dit/`) holds
+A model folder holds
 
-    config.json   {"model": "wan_dit", "format_version": 1, "config": WanConfig.to_dict(), "source": {...}}
+    config.json   {"model": KIND, "format_version": 1, "config": {...}, "source": {...}}
     params/       an Orbax (StandardCheckpointer) tree of the nnx.Param values, nested by param path
 
-On disk the blocks are always in the *stacked* layout (`blocks.attn1.to_q.kernel` [L, D, D]) whatever the model's
-`scan_layers` was: one canonical form means the converter can write it without building a model, and either execution
+Kinds (`MODEL_KINDS`), each with the subfolder a converted or exported DST keeps it in:
+
+    wan_dit       WanDiT        dit/       config: WanConfig fields
+    univigu       UniViGU       univigu/   config: {"wan": WanConfig fields, "univigu": UniViGUConfig fields}
+    wan_vae       WanVAE        vae/       config: WanVAEConfig fields
+    umt5_encoder  UMT5Encoder   umt5/      config: UMT5Config fields
+
+On disk layer stacks are always in the *stacked* layout (`blocks.attn1.to_q.kernel` [L, D, D]) whatever the model's
+`scan_layers` was: one canonical form means a converter can write it without building a model, and either execution
 layout (scan or a Python loop) loads it (`load_pretrained` slices the stack per layer when `scan_layers=False`).
 
-Folders are written into a hidden temporary sibling and renamed into place only when complete, so a crash or a bad
-input never leaves something at `path` that looks loadable.
+Folders are written into a hidden temporary sibling and renamed into place only when complete (`staged_folder`), so
+a crash or a bad input never leaves something at `path` that looks loadable.
 
 `load_pretrained(path, **overrides)` takes execution overrides (dtype, param_dtype, scan_layers, remat_policy,
-attention_backend): they change how the weights run, not what they are. Architecture fields are fixed by the weights;
-overriding one to a different value is an error rather than a silently mismatched model. Params are restored straight
-into `param_dtype` and, with `mesh=`, straight into their shards (no device ever holds the whole unsharded model).
+attention_backend, where the model has them): they change how the weights run, not what they are. Dtypes may be
+given as Flax users write them: `jnp.bfloat16`, `np.float32`, `"bfloat16"`. Architecture fields are fixed by the
+weights; overriding one to a different value is an error rather than a silently mismatched model. Params are restored
+straight into `param_dtype` and, with `mesh=`, straight into their shards (no device holds the unsharded model).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from uvigu import sharding
-from uvigu.models import wan_keys
-from uvigu.models.wan import WanConfig, WanDiT
+from uvigu.models import flat_params
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-WAN_DIT = "wan_dit"
 
-# model kind recorded in config.json -> (config class, module class, default subfolder of a converted DST)
-MODEL_KINDS: dict[str, tuple[type, type, str]] = {
-    WAN_DIT: (WanConfig, WanDiT, "dit"),
-}
+WAN_DIT, UNIVIGU, WAN_VAE, UMT5_ENCODER = "wan_dit", "univigu", "wan_vae", "umt5_encoder"
 
 # Config fields that say how weights are executed, not what they are: free to override on load.
 EXECUTION_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat_policy", "attention_backend"})
+_DTYPE_FIELDS = ("dtype", "param_dtype")
 
 
 class CheckpointError(ValueError):
     """A model folder that cannot be written or loaded as asked; the message names the path and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """One kind of model folder. Classes are named `module:attr` and imported on first use, so that reading a
+    folder of one kind never imports the others."""
+
+    name: str
+    subfolder: str  # where a converted / exported DST keeps it
+    module_class: str
+    config_class: str
+    stacks: tuple[str, ...]  # param-path prefixes of layer stacks (stacked on disk, looped when scan_layers=False)
+    build: Callable[[Any, nnx.Rngs], nnx.Module] | None = None  # default: module_class(config, rngs=rngs)
+
+    def module_type(self) -> type:
+        return _import(self.module_class)
+
+    def config_type(self) -> type:
+        return _import(self.config_class)
+
+    def make(self, config, rngs: nnx.Rngs) -> nnx.Module:
+        return self.build(config, rngs) if self.build else self.module_type()(config, rngs=rngs)
+
+
+def _import(name: str):
+    module, attr = name.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+MODEL_KINDS: dict[str, ModelKind] = {k.name: k for k in (
+    ModelKind(UNIVIGU, "univigu", "uvigu.models.univigu:UniViGU", "uvigu.models.univigu:UniViGUModelConfig",
+              ("dit.blocks", "ffn_t"), build=lambda config, rngs: config.build(rngs)),
+    ModelKind(WAN_DIT, "dit", "uvigu.models.wan:WanDiT", "uvigu.models.wan:WanConfig", ("blocks",)),
+    ModelKind(WAN_VAE, "vae", "uvigu.models.wan_vae:WanVAE", "uvigu.models.wan_vae:WanVAEConfig", ()),
+    ModelKind(UMT5_ENCODER, "umt5", "uvigu.models.umt5:UMT5Encoder", "uvigu.models.umt5:UMT5Config", ("blocks",)),
+)}
+# What `load_pretrained(DST)` picks in a DST holding several parts: the denoiser, a unified model first.
+_DEFAULT_ORDER = (UNIVIGU, WAN_DIT)
+
+
+def kind_of(model: nnx.Module) -> ModelKind:
+    for kind in MODEL_KINDS.values():
+        if type(model).__name__ == kind.module_class.split(":")[1] and isinstance(model, kind.module_type()):
+            return kind
+    raise CheckpointError(f"no model-folder kind for a {type(model).__name__}; kinds: {sorted(MODEL_KINDS)}")
+
+
+def model_config(model: nnx.Module):
+    """The config a folder of `model` records (a UniViGU's is its DiT's and its own together)."""
+    if kind_of(model).name == UNIVIGU:
+        from uvigu.models.univigu import UniViGUModelConfig
+
+        return UniViGUModelConfig(model.dit.config, model.config)
+    return model.config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config helpers that see through a UniViGU's two sections.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sections(config) -> list:
+    return [config.wan, config.univigu] if hasattr(config, "univigu") else [config]
+
+
+def _execution(config):
+    """The section holding the execution fields (a UniViGU's DiT config)."""
+    return _sections(config)[0]
+
+
+def _num_layers(config) -> int:
+    return getattr(_execution(config), "num_layers", 0)
+
+
+def _stacked(config):
+    """`config` with scan_layers=True where it has that field: the layout on disk."""
+    ex = _execution(config)
+    if not hasattr(ex, "scan_layers") or ex.scan_layers:
+        return config
+    return _with_execution(config, dataclasses.replace(ex, scan_layers=True))
+
+
+def _with_execution(config, ex):
+    return dataclasses.replace(config, wan=ex) if hasattr(config, "univigu") else ex
+
+
+def _dtype_name(value) -> str:
+    """'bfloat16' for jnp.bfloat16, np.dtype('bfloat16'), 'bfloat16', ...: what Flax users pass as a dtype."""
+    if isinstance(value, str):
+        return value
+    try:
+        return jnp.dtype(value).name
+    except TypeError:
+        raise CheckpointError(f"{value!r} is not a dtype") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -61,38 +161,37 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def save_wan_dit(path: str | Path, model: WanDiT, *, source: Mapping[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
-    """Writes `model`'s params and config to the model folder `path` (e.g. `DST/dit`), blocks stacked; returns it.
+def save_pretrained(path: str | Path, model: nnx.Module, *, source: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Writes `model`'s params and config to the model folder `path` (e.g. `DST/dit`), layer stacks stacked.
 
     A looped model (`scan_layers=False`) is stacked on the host first, which holds one extra copy of the blocks.
     """
-    config = model.config
-    flat = wan_keys.state_to_flat_params(model)
-    if not config.scan_layers:
-        flat = wan_keys.stack_blocks(flat, config.num_layers)
-    return save_wan_dit_params(path, flat, dataclasses.replace(config, scan_layers=True), source=source,
-                               overwrite=overwrite)
+    kind, config = kind_of(model), model_config(model)
+    flat = flat_params.state_to_flat_params(model)
+    if _stacked(config) is not config:
+        flat = flat_params.stack_blocks({k: np.asarray(v) for k, v in flat.items()}, _num_layers(config),
+                                        kind.stacks)
+    return save_params(path, kind.name, _stacked(config), flat, source=source, overwrite=overwrite)
 
 
-def save_wan_dit_params(path: str | Path, params: Mapping[str, Any], config: WanConfig, *,
-                        source: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Writes flat params ({dotted path: numpy or jax array}, stacked layout) and `config` as a model folder.
+def save_params(path: str | Path, kind: str, config, params: Mapping[str, Any], *,
+                source: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Writes flat params ({dotted path: numpy or jax array}, stacked layout) and `config` as a `kind` model folder.
 
-    The params must be exactly those of `WanDiT(config)` in the stacked layout, with their shapes: the converter
-    calls this with numpy arrays it filled itself, and a mistake there must not produce a folder that loads wrongly.
+    The params must be exactly those of the module `config` builds, in the stacked layout, with their shapes:
+    converters call this with numpy arrays they filled themselves, and a mistake there must not produce a folder that
+    loads wrongly.
     """
-    expected = _abstract_param_shapes(dataclasses.replace(config, scan_layers=True))
-    problems = _compare_shapes(expected, {k: tuple(np.shape(v)) for k, v in params.items()})
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
+    config = _stacked(config)
+    expected = _abstract_param_shapes(MODEL_KINDS[kind], config)
+    problems = flat_params.shape_problems({k: tuple(np.shape(v)) for k, v in params.items()}, expected)
     if problems:
-        raise CheckpointError(f"{path}: params do not match WanDiT({_describe(config)}): {problems}")
-    meta = {
-        "model": WAN_DIT,
-        "format_version": FORMAT_VERSION,
-        "config": dataclasses.replace(config, scan_layers=True).to_dict(),
-        "source": dict(source or {}),
-    }
-    with _staged_folder(Path(path), overwrite) as staging:
+        raise CheckpointError(f"{path}: params do not match {kind} ({_describe(config)}): {'; '.join(problems)}")
+    meta = {"model": kind, "format_version": FORMAT_VERSION, "config": config.to_dict(), "source": dict(source or {})}
+    with staged_folder(Path(path), overwrite) as staging:
         with _params_writer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, args=ocp.args.PyTreeSave(_nest(params)))
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
@@ -116,10 +215,10 @@ def _params_writer() -> ocp.Checkpointer:
 
 
 @contextlib.contextmanager
-def _staged_folder(final: Path, overwrite: bool) -> Iterator[Path]:
+def staged_folder(final: Path, overwrite: bool) -> Iterator[Path]:
     """Yields an empty hidden sibling of `final` to write into; renames it to `final` when the block succeeds, removes
     it when the block raises (an existing `final` is then left as it was)."""
-    final = final.absolute()
+    final = Path(final).absolute()
     if final.exists() and not overwrite:
         raise CheckpointError(f"{final} already exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -152,16 +251,20 @@ def _json_default(value):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def find_model_folder(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The model folder and its parsed config.json, given the folder itself or a converted DST (which holds `dit/`)."""
+def find_model_folder(path: str | Path, kind: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The model folder and its parsed config.json, given the folder itself or a converted / exported DST. In a DST,
+    `kind` picks the part (`vae`, ...); without it the denoiser: a UniViGU if there is one, else the Wan DiT."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint folder")
-    candidates = [path / CONFIG_FILE] + [path / sub / CONFIG_FILE for _, _, sub in MODEL_KINDS.values()]
+    if kind is not None and kind not in MODEL_KINDS:
+        raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
+    order = (kind,) if kind else _DEFAULT_ORDER
+    candidates = [path / CONFIG_FILE] + [path / MODEL_KINDS[k].subfolder / CONFIG_FILE for k in order]
     config_path = next((c for c in candidates if c.is_file()), None)
     if config_path is None:
         raise CheckpointError(f"{path}: no {CONFIG_FILE} (looked at {[str(c) for c in candidates]}); is this a folder "
-                              "written by `python -m tools.convert_wan_weights` or `save_wan_dit`?")
+                              "written by `python -m tools.convert_wan_weights` or `save_pretrained`?")
     try:
         meta = json.loads(config_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -171,6 +274,8 @@ def find_model_folder(path: str | Path) -> tuple[Path, dict[str, Any]]:
                               "Wan folder must be converted first: python -m tools.convert_wan_weights")
     if meta["model"] not in MODEL_KINDS:
         raise CheckpointError(f"{config_path}: unknown model kind {meta['model']!r}; known: {sorted(MODEL_KINDS)}")
+    if kind is not None and meta["model"] != kind:
+        raise CheckpointError(f"{config_path}: holds a {meta['model']}, not a {kind}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{config_path}: format_version {meta.get('format_version')!r}; this code reads "
                               f"version {FORMAT_VERSION}")
@@ -179,45 +284,47 @@ def find_model_folder(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return config_path.parent, meta
 
 
-def load_config(path: str | Path, **overrides) -> WanConfig:
+def load_config(path: str | Path, *, kind: str | None = None, **overrides):
     """The config a `load_pretrained(path, **overrides)` would build, without reading any weights."""
-    folder, meta = find_model_folder(path)
+    folder, meta = find_model_folder(path, kind)
     return _apply_overrides(folder, meta, overrides)
 
 
-def load_pretrained(path: str | Path, *, mesh: Mesh | None = None, **overrides) -> nnx.Module:
+def load_pretrained(path: str | Path, *, mesh: Mesh | None = None, kind: str | None = None,
+                    **overrides) -> nnx.Module:
     """The module recorded in `path/config.json` with its pretrained params.
 
-    `path`: a model folder or a converted DST (its `dit/` is used). `overrides`: config fields to change; execution
-    fields (`EXECUTION_FIELDS`) freely, architecture fields only to the value they already have. `mesh`: restore every
-    param directly into the sharding `uvigu.sharding.state_shardings` gives it on that mesh; without it params go to
-    the default device.
+    `path`: a model folder, or a converted / exported DST (its denoiser: `univigu/`, else `dit/`; `kind=` picks
+    another part, e.g. kind="wan_vae"). `overrides`: config fields to change; execution fields (`EXECUTION_FIELDS`)
+    freely, architecture fields only to the value they already have. `mesh`: restore every param directly into the
+    sharding `uvigu.sharding.state_shardings` gives it on that mesh; without it params go to the default device.
     """
-    folder, meta = find_model_folder(path)
+    folder, meta = find_model_folder(path, kind)
+    spec = MODEL_KINDS[meta["model"]]
     config = _apply_overrides(folder, meta, overrides)
-    _, model_cls, _ = MODEL_KINDS[meta["model"]]
     params_dir = (folder / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise CheckpointError(f"{folder}: no {PARAMS_DIR}/ (the Orbax params checkpoint)")
 
-    stacked_config = dataclasses.replace(config, scan_layers=True)
-    stacked_abstract = nnx.eval_shape(lambda: model_cls(stacked_config, rngs=nnx.Rngs(0)))
+    stacked_config = _stacked(config)
+    stacked_abstract = nnx.eval_shape(lambda: spec.make(stacked_config, nnx.Rngs(0)))
     stacked_params = nnx.state(stacked_abstract, nnx.Param)
-    targets = _restore_targets(stacked_params, config.storage_dtype, mesh)
+    targets = _restore_targets(stacked_params, _execution(config).storage_dtype, mesh)
 
     stored = read_param_metadata(folder)
-    problems = _compare_shapes({k: v.shape for k, v in targets.items()}, {k: v.shape for k, v in stored.items()})
+    problems = flat_params.shape_problems({k: v.shape for k, v in stored.items()},
+                                          {k: v.shape for k, v in targets.items()})
     if problems:
-        raise CheckpointError(f"{params_dir}: stored params do not match {model_cls.__name__}"
-                              f"({_describe(config)}): {problems}")
+        raise CheckpointError(f"{params_dir}: stored params do not match {spec.module_class.split(':')[1]}"
+                              f"({_describe(config)}): {'; '.join(problems)}")
     with ocp.StandardCheckpointer() as checkpointer:
         restored = _flatten(checkpointer.restore(params_dir, _nest(targets)))
 
-    if config.scan_layers:
+    if stacked_config is config:
         abstract = stacked_abstract
     else:
-        abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
-        restored = _unstack(restored, nnx.state(abstract, nnx.Param), config.num_layers, mesh)
+        abstract = nnx.eval_shape(lambda: spec.make(config, nnx.Rngs(0)))
+        restored = _unstack(restored, nnx.state(abstract, nnx.Param), _num_layers(config), spec.stacks, mesh)
     return _merge(abstract, restored)
 
 
@@ -233,27 +340,33 @@ def read_param_metadata(path: str | Path) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in _flatten(tree).items()}
 
 
-def _apply_overrides(folder: Path, meta: dict[str, Any], overrides: Mapping[str, Any]) -> WanConfig:
-    config_cls, _, _ = MODEL_KINDS[meta["model"]]
+def _apply_overrides(folder: Path, meta: dict[str, Any], overrides: Mapping[str, Any]):
+    config_cls = MODEL_KINDS[meta["model"]].config_type()
     try:
         saved = config_cls.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: invalid config ({e})") from None
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(overrides) - names)
+    overrides = {k: _dtype_name(v) if k in _DTYPE_FIELDS else v for k, v in overrides.items()}
+    sections = _sections(saved)
+    names = [{f.name for f in dataclasses.fields(s)} for s in sections]
+    unknown = sorted(set(overrides) - set().union(*names))
     if unknown:
-        raise CheckpointError(f"load_pretrained: unknown override(s) {unknown}; {config_cls.__name__} fields are "
-                              f"{sorted(names)} (execution fields: {sorted(EXECUTION_FIELDS)})")
-    try:
-        config = dataclasses.replace(saved, **overrides)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"load_pretrained: invalid override(s) {dict(overrides)}: {e}") from None
-    changed = [f"{n}: checkpoint {getattr(saved, n)!r}, override {getattr(config, n)!r}"
-               for n in sorted(names - EXECUTION_FIELDS) if getattr(saved, n) != getattr(config, n)]
+        raise CheckpointError(f"load_pretrained: unknown override(s) {unknown}; {meta['model']} fields are "
+                              f"{sorted(set().union(*names))} (execution fields: {sorted(EXECUTION_FIELDS)})")
+    replaced, changed = [], []
+    for section, fields in zip(sections, names):
+        mine = {k: v for k, v in overrides.items() if k in fields}
+        try:
+            new = dataclasses.replace(section, **mine)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"load_pretrained: invalid override(s) {mine}: {e}") from None
+        changed += [f"{n}: checkpoint {getattr(section, n)!r}, override {getattr(new, n)!r}"
+                    for n in sorted(fields - EXECUTION_FIELDS) if getattr(section, n) != getattr(new, n)]
+        replaced.append(new)
     if changed:
         raise CheckpointError(f"load_pretrained({folder}): architecture override(s) disagree with the checkpoint: "
                               f"{'; '.join(changed)}. Only {sorted(EXECUTION_FIELDS)} can change on load.")
-    return config
+    return dataclasses.replace(saved, wan=replaced[0], univigu=replaced[1]) if len(replaced) == 2 else replaced[0]
 
 
 def _restore_targets(params: nnx.State, dtype, mesh: Mesh | None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -267,22 +380,23 @@ def _restore_targets(params: nnx.State, dtype, mesh: Mesh | None) -> dict[str, j
             for k, v in _dotted_variables(params).items()}
 
 
-def _unstack(stacked: dict[str, jax.Array], looped: nnx.State, num_layers: int,
+def _unstack(stacked: dict[str, jax.Array], looped: nnx.State, num_layers: int, prefixes: tuple[str, ...],
              mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Stacked params -> the looped layout's `blocks.{i}.…`, one stacked param at a time (each is dropped once sliced,
-    so peak memory is the model plus one stacked param)."""
+    """Stacked params -> the looped layout's `<stack>.{i}.…`, one stacked param at a time (each is dropped once
+    sliced, so peak memory is the model plus one stacked param)."""
     looped_vars = _dotted_variables(looped)
     shardings = (None if mesh is None
                  else {k: v.get_value() for k, v in _dotted_variables(sharding.state_shardings(looped, mesh)).items()})
     out = {}
     for key in list(stacked):
         value = stacked.pop(key)
-        if not key.startswith("blocks."):
+        prefix = next((p for p in prefixes if key.startswith(p + ".")), None)
+        if prefix is None:
             out[key] = value
             continue
-        rest = key[len("blocks."):]
+        rest = key[len(prefix) + 1:]
         for i in range(num_layers):
-            name = f"blocks.{i}.{rest}"
+            name = f"{prefix}.{i}.{rest}"
             if name not in looped_vars:
                 raise CheckpointError(f"stacked param {key} has no looped counterpart {name}")
             layer = value[i]
@@ -333,24 +447,12 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _abstract_param_shapes(config: WanConfig) -> dict[str, tuple[int, ...]]:
-    abstract = nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0)))
+def _abstract_param_shapes(kind: ModelKind, config) -> dict[str, tuple[int, ...]]:
+    abstract = nnx.eval_shape(lambda: kind.make(config, nnx.Rngs(0)))
     return {k: tuple(v.shape) for k, v in _dotted_variables(nnx.state(abstract, nnx.Param)).items()}
 
 
-def _compare_shapes(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -> str:
-    """'' when the two {path: shape} tables agree, else a message naming missing, unexpected and mis-shaped paths."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k} expected {tuple(expected[k])} got {tuple(got[k])}"
-             for k in sorted(set(expected) & set(got)) if tuple(expected[k]) != tuple(got[k])]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
-        if items:
-            parts.append(f"{len(items)} {label}: " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-    return "; ".join(parts)
-
-
-def _describe(config: WanConfig) -> str:
-    return (f"dim={config.dim}, ffn_dim={config.ffn_dim}, num_heads={config.num_heads}, "
-            f"num_layers={config.num_layers}, text_dim={config.text_dim}")
+def _describe(config) -> str:
+    fields = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_flow", "vocab_size", "base_dim",
+              "z_dim", "dim_mult", "d_model")
+    return ", ".join(f"{n}={getattr(s, n)}" for s in _sections(config) for n in fields if hasattr(s, n))

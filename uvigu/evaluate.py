@@ -55,29 +55,20 @@ def generate(c, model, batch: dict[str, jax.Array], key) -> dict[str, Any]:
     k_t2v, k_v2t, k_joint = jax.random.split(key, 3)
     # T2V: the prompt, clean, as the text tokens (as the released code does); CFG on the video velocity.
     text_mask = pipeline.text_attention_mask(prompt_mask, c.data.loss_on_padding)
-    if is_unified and model.config.text_flow == "embedding":
-        prompt_text = model.embed_text_targets(prompt_ids)
-    else:
-        prompt_text = prompt_ids
+    prompt_text = model.text_flow.clean(prompt_ids) if is_unified else prompt_ids
     out = {"t2v": sampling.sample_t2v(velocity, k_t2v, video.shape, prompt_text, context,
                                       null_context=jnp.zeros_like(context), guidance_scale=s.guidance_scale,
                                       num_steps=s.num_steps, shift=s.shift, solver=s.solver, text_mask=text_mask)}
     if not is_unified:
         return out
     text_len = prompt_ids.shape[1]
-    flow_kw = dict(text_flow=model.config.text_flow, num_steps=s.num_steps, shift=s.shift, solver=s.solver,
+    flow_kw = dict(num_steps=s.num_steps, shift=s.shift, solver=s.solver,
                    text_mask=jnp.ones((video.shape[0], text_len), bool) if c.data.loss_on_padding else None)
-    if model.config.text_flow == "embedding":
-        flow_kw.update(decode_fn=model.decode_text)
-        text_shape = (video.shape[0], text_len, model.config.text_latent_dim)
-    else:
-        flow_kw.update(vocab_size=model.config.vocab_size, source=c.flow.discrete_source,
-                       scheduler_power=c.flow.scheduler_power)
-        text_shape = (video.shape[0], text_len)
     # V2T captions from the video alone: the null context, never the prompt (which would let it copy).
-    out["v2t"] = sampling.sample_v2t(velocity, k_v2t, video, text_shape, jnp.zeros_like(context), **flow_kw)
+    out["v2t"] = sampling.sample_v2t(velocity, k_v2t, video, model.text_flow, text_len, jnp.zeros_like(context),
+                                     **flow_kw)
     out["joint_video"], out["joint_text"] = sampling.sample_joint(
-        velocity, k_joint, video.shape, text_shape, context, null_context=jnp.zeros_like(context),
+        velocity, k_joint, video.shape, model.text_flow, text_len, context, null_context=jnp.zeros_like(context),
         guidance_scale=s.guidance_scale, **flow_kw)
     return out
 

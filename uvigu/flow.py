@@ -8,10 +8,12 @@ Wan's network runs the other way: σ = 1 − τ (σ = 1 noise), timestep = σ·1
 The three conversions below (`tau_to_wan_timestep`, `wan_velocity_to_paper`, `shift_sigma`) are the only places that
 know this; getting any of them backwards silently throws away the pretrained prior, so they are tested on their own.
 
-Text has two flows (DESIGN §4), switched by `text_flow`:
-  * "embedding" (the paper): a Gaussian flow in the space of a learnable embedding table (`TextEmbeddingTable`),
-    decoded by nearest row;
-  * "discrete" (the released code): a mixture path over token ids (`discrete_corrupt`) trained with cross-entropy.
+Text has two flows (DESIGN §4), chosen once by name (`UniViGUConfig.text_flow`) and from then on used through an
+object with one interface (`TextFlow`: source, corruption and target, per-token loss, solver step, decoding), which
+the model, the losses, the samplers and the evaluation call:
+  * `EmbeddingTextFlow` (the paper): a Gaussian flow in the space of a learnable embedding table
+    (`uvigu.models.text_table.TextEmbeddingTable`), decoded by nearest row;
+  * `DiscreteTextFlow` (the released code): a mixture path over token ids trained with cross-entropy.
 
 Shape letters: B batch, T/H/W latent frames/height/width, C channels, S text tokens, E text latent dim, V vocab,
 S_c/D_c prompt-context tokens/width.
@@ -19,16 +21,14 @@ S_c/D_c prompt-context tokens/width.
 
 from __future__ import annotations
 
-import math
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 TauKind = Literal["uniform", "logit_normal", "shifted"]
-TextFlow = Literal["embedding", "discrete"]
+TextFlowName = Literal["embedding", "discrete"]
 DiscreteSource = Literal["uniform", "mask"]
 
 WAN_NUM_TRAIN_TIMESTEPS = 1000
@@ -157,56 +157,6 @@ def velocity_target(z1: Float[Array, "B *rest"], z0: Float[Array, "B *rest"]) ->
     return z1 - z0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Text flow "embedding": a learnable table whose rows live on a sphere.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class TextEmbeddingTable(nnx.Module):
-    """Learnable token embedding E [V, E] for the paper's continuous text flow.
-
-    Why fixed-norm rows: the flow target z1 = E[y] depends on E, so a pure MSE on the velocity can be minimised by
-    shrinking E (at E = 0 every caption is the same point and the target is trivial). Every use of the table goes
-    through `table()`, which rescales each row to norm `row_norm` (default sqrt(E), i.e. unit variance per element,
-    the scale of the N(0, I) noise the flow starts from); the gradient of the loss w.r.t. a row's norm is then zero,
-    so only the directions learn. Decoding is argmax of similarity z·Êᵀ; with equal row norms that is the nearest row.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        dim: int,
-        *,
-        rngs: nnx.Rngs,
-        row_norm: float | None = None,
-        param_dtype=jnp.float32,
-    ):
-        self.vocab_size = vocab_size
-        self.dim = dim
-        self.row_norm = math.sqrt(dim) if row_norm is None else float(row_norm)
-        init = nnx.initializers.normal(stddev=1.0)
-        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, dim), param_dtype), out_sharding=("vocab", "embed"))
-
-    def table(self) -> Float[Array, "V E"]:
-        """The normalised table Ê: each row of the raw parameter rescaled to norm `row_norm` (fp32)."""
-        raw = self.embedding[...].astype(jnp.float32)
-        norms = jnp.sqrt(jnp.sum(raw * raw, axis=-1, keepdims=True))
-        return raw * (self.row_norm / jnp.maximum(norms, 1e-12))
-
-    def embed(self, ids: Int[Array, "B S"]) -> Float[Array, "B S E"]:
-        """Clean text latents z_t,1 = Ê[ids]."""
-        return jnp.take(self.table(), ids, axis=0)
-
-    def rounding_logits(self, z: Float[Array, "B S E"]) -> Float[Array, "B S V"]:
-        """Similarity logits z·Êᵀ of a (predicted clean) embedding against every row: a cross-entropy on them
-        ("rounding" loss) pulls ẑ1 towards its own row and away from the others, which MSE alone does not."""
-        return jnp.einsum("bse,ve->bsv", z.astype(jnp.float32), self.table())
-
-    def decode(self, z: Float[Array, "B S E"]) -> Int[Array, "B S"]:
-        """Token ids of the most similar rows: argmax_v z·Ê_v."""
-        return jnp.argmax(self.rounding_logits(z), axis=-1).astype(jnp.int32)
-
-
 def token_cross_entropy(logits: Float[Array, "B S V"], ids: Int[Array, "B S"]) -> Float[Array, "B S"]:
     """Per-token −log softmax(logits)[id], in fp32. The discrete flow's loss and the embedding flow's rounding loss."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -214,7 +164,7 @@ def token_cross_entropy(logits: Float[Array, "B S V"], ids: Int[Array, "B S"]) -
 
 
 def rounding_loss(
-    table: TextEmbeddingTable,
+    table: Any,
     z_pred_clean: Float[Array, "B S E"],
     ids: Int[Array, "B S"],
     text_mask: Float[Array, "B S"] | Bool[Array, "B S"],
@@ -273,6 +223,154 @@ def discrete_corrupt(
     return jnp.where(keep, ids.astype(jnp.int32), noise)
 
 
+def mixture_euler_step(
+    key: PRNGKeyArray,
+    ids: Int[Array, "B S"],
+    logits: Float[Array, "B S V"],
+    tau: Float[Array, ""] | Float[Array, "B"],
+    tau_next: Float[Array, ""] | Float[Array, "B"],
+    power: float = 1.0,
+) -> Int[Array, "B S"]:
+    """One step of the mixture-path discrete flow from τ to τ_next (κ(τ) = τ^power).
+
+    Draw x1 ~ p(x1 | x_τ) = softmax(logits) per token, then move each token to its x1 with probability
+    (κ(τ_next) − κ(τ)) / (1 − κ(τ)): the chance that a token still showing source at τ shows data at τ_next under
+    the mixture path, so the step is exact in discrete time when the model's posterior is. At τ_next = 1 that
+    probability is exactly 1 and every token takes its sample (the final step returns the sample).
+    """
+    u_x1, u_jump = jax.random.uniform(key, (2,) + ids.shape, jnp.float32)  # one draw for both decisions
+    x1 = _sample_categorical(u_x1, logits)
+    kappa, kappa_next = polynomial_kappa(tau, power), polynomial_kappa(tau_next, power)
+    p_jump = (kappa_next - kappa) / (1.0 - kappa)
+    p_jump = jnp.reshape(p_jump, jnp.shape(p_jump) + (1,) * (ids.ndim - jnp.ndim(p_jump)))
+    return jnp.where(u_jump < p_jump, x1, ids.astype(jnp.int32))
+
+
+def _sample_categorical(uniform: Float[Array, "B S"], logits: Float[Array, "B S V"]) -> Int[Array, "B S"]:
+    """One draw per token from softmax(logits) by inverting the CDF with one uniform per token: the first index
+    whose cumulative probability reaches (1 − u)·total, with 1 − u ∈ (0, 1] so a zero-probability id is never
+    returned. Same law as `jax.random.categorical`, which draws V Gumbels per token and whose log(−log u) alone
+    takes XLA:CPU seconds to compile."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    index = jnp.sum(cdf < (1.0 - uniform)[..., None] * cdf[..., -1:], axis=-1)
+    return jnp.minimum(index, logits.shape[-1] - 1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two text flows behind one interface.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class TextFlow(Protocol):
+    """What the model, the losses, the samplers and the evaluation need of a text flow.
+
+    `gaussian`: True when the text state is a continuous latent that a Gaussian solver integrates with the video
+    (its velocity comes out of the model); False when it is token ids moved by `step` on the model's logits.
+    """
+
+    name: str
+    gaussian: bool
+
+    def source(self, key: PRNGKeyArray, batch: int, length: int) -> Array:
+        """The τ = 0 end: [B, S, E] noise or [B, S] source ids."""
+
+    def corrupt(self, key: PRNGKeyArray, ids: Int[Array, "B S"], tau: Float[Array, "B"]) -> tuple[Array, Array]:
+        """(model input at τ, training target) for clean ids."""
+
+    def clean(self, ids: Int[Array, "B S"]) -> Array:
+        """The model input for clean text (τ = 1), e.g. the prompt fed to T2V."""
+
+    def token_loss(self, prediction: Array, target: Array) -> Float[Array, "B S"]:
+        """Per-token loss of the model's text output against `corrupt`'s target."""
+
+    def step(self, key: PRNGKeyArray, state: Array, output: Array, tau, tau_next) -> Array:
+        """One solver step of a non-Gaussian state from τ to τ_next given the model's output."""
+
+    def decode(self, state: Array) -> Int[Array, "B S"]:
+        """Token ids of a final (τ = 1) state."""
+
+    def auxiliary_loss(self, text_in: Array, prediction: Array, tau: Float[Array, "B"], ids: Int[Array, "B S"],
+                       text_mask: Array) -> Float[Array, ""] | None:
+        """A flow's own extra training term (the embedding flow's rounding loss), or None."""
+
+
+class EmbeddingTextFlow:
+    """The paper's text flow: z_t,1 = Ê[y] in a learnable fixed-norm table, Gaussian path from N(0, I), velocity
+    MSE per token (averaged over E), decoded by the most similar row. `table` is the model's
+    `TextEmbeddingTable` (its `embed`, `decode`, `rounding_logits`, `dim`)."""
+
+    name = "embedding"
+    gaussian = True
+
+    def __init__(self, table):
+        self.table = table
+
+    def source(self, key, batch, length):
+        return jax.random.normal(key, (batch, length, self.table.dim), jnp.float32)
+
+    def corrupt(self, key, ids, tau):
+        z1 = self.table.embed(ids)
+        z0 = jax.random.normal(key, z1.shape, z1.dtype)
+        return interpolate(z1, z0, tau), velocity_target(z1, z0)
+
+    def clean(self, ids):
+        return self.table.embed(ids)
+
+    def token_loss(self, prediction, target):
+        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+
+    def step(self, key, state, output, tau, tau_next):
+        raise TypeError("the embedding text flow is integrated by the Gaussian solver, not stepped")
+
+    def decode(self, state):
+        return self.table.decode(state)
+
+    def auxiliary_loss(self, text_in, prediction, tau, ids, text_mask):
+        """The rounding loss: cross-entropy of the predicted clean embedding ẑ1 = z_τ + (1 − τ)·v̂ against the clean ids: what keeps the
+        table from collapsing under the MSE alone (see `rounding_loss`)."""
+        return rounding_loss(self.table, predict_clean(text_in, prediction, tau), ids, text_mask)
+
+
+class DiscreteTextFlow:
+    """The released code's text flow: a mixture path over token ids, κ(τ) = τ^power, from a uniform or an absorbing
+    ("mask", id `mask_id`) source; cross-entropy of the logits against the clean ids; `mixture_euler_step`."""
+
+    name = "discrete"
+    gaussian = False
+
+    def __init__(self, vocab_size: int, *, source: DiscreteSource = "uniform", mask_id: int | None = None,
+                 scheduler_power: float = 1.0):
+        if source not in ("uniform", "mask"):
+            raise ValueError(f"unknown discrete source {source!r}; expected 'uniform' or 'mask'")
+        if source == "mask" and mask_id is None:
+            raise ValueError("source='mask' needs a mask_id")
+        self.vocab_size, self.source_kind, self.mask_id = vocab_size, source, mask_id
+        self.scheduler_power = scheduler_power
+
+    def source(self, key, batch, length):
+        return discrete_source_sample(key, (batch, length), self.vocab_size, self.source_kind, self.mask_id)
+
+    def corrupt(self, key, ids, tau):
+        noisy = discrete_corrupt(key, ids, tau, self.vocab_size, self.source_kind, self.mask_id, self.scheduler_power)
+        return noisy, ids
+
+    def clean(self, ids):
+        return ids
+
+    def token_loss(self, prediction, target):
+        return token_cross_entropy(prediction, target)
+
+    def step(self, key, state, output, tau, tau_next):
+        return mixture_euler_step(key, state, output, tau, tau_next, self.scheduler_power)
+
+    def auxiliary_loss(self, text_in, prediction, tau, ids, text_mask):
+        return None
+
+    def decode(self, state):
+        return state
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The combined loss.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,7 +383,7 @@ def uni_flow_loss(
     text_target: Float[Array, "B S E"] | Int[Array, "B S"],
     text_mask: Float[Array, "B S"] | Bool[Array, "B S"],
     *,
-    text_flow: TextFlow = "embedding",
+    text_flow: TextFlow,
     video_weight: Float[Array, "B"] | None = None,
     text_weight: Float[Array, "B"] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
@@ -317,12 +415,7 @@ def uni_flow_loss(
     per_example_v = jnp.mean(sq_v.reshape(batch, -1), axis=-1)  # [B]: mean over T·H·W·C
     loss_v = jnp.sum(w_v * per_example_v) / jnp.maximum(jnp.sum(w_v), 1e-12)
 
-    if text_flow == "embedding":
-        per_token_t = jnp.mean(jnp.square(text_pred.astype(jnp.float32) - text_target.astype(jnp.float32)), axis=-1)
-    elif text_flow == "discrete":
-        per_token_t = token_cross_entropy(text_pred, text_target)
-    else:
-        raise ValueError(f"unknown text_flow {text_flow!r}; expected 'embedding' or 'discrete'")
+    per_token_t = text_flow.token_loss(text_pred, text_target)
     token_w = w_t[:, None] * text_mask.astype(jnp.float32)  # [B, S]
     loss_t = jnp.sum(token_w * per_token_t) / jnp.maximum(jnp.sum(token_w), 1e-12)
 

@@ -82,7 +82,6 @@ def base_config(stage: str, variant: str | None) -> ml_collections.ConfigDict:
         # recall from the video. Captioning from the video alone (V2T) is learnt only on dropped examples.
         cond_dropout=(0.5 if stage == "pretrain_t2v" else 0.9) if tiny else (0.3 if stage == "stage1" else 0.1),
         rounding_weight=0.1,  # embedding flow: weight of the rounding cross-entropy on the predicted clean text
-        discrete_source="uniform", scheduler_power=1.0,  # discrete flow
     ))
 
     # ---- optimiser (Adam β 0.9 / 0.95 as in the paper) ----

@@ -18,7 +18,8 @@ Schedule: Wan's shifted sigmas (σ 1 → 0, `wan_shifted_sigmas`), τ = 1 − σ
 Both are linear multistep methods whose weights depend only on the schedule, so the weights are computed once
 (`_euler_weights` / `_unipc_weights`) and the scan body is one model call and two linear combinations.
 
-Discrete text (the released code's flow) is advanced by `mixture_euler_step` in the same loop, on the same τ grid.
+Text moves with its flow object (`uvigu.flow.TextFlow`): Gaussian (embedding) text joins the solver's state; discrete
+text is advanced by the flow's `step` (a mixture step) in the same loop, on the same τ grid.
 """
 
 from __future__ import annotations
@@ -30,14 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from uvigu.flow import (
-    WAN_NUM_TRAIN_TIMESTEPS,
-    DiscreteSource,
-    TextFlow,
-    discrete_source_sample,
-    polynomial_kappa,
-    shift_sigma,
-)
+from uvigu.flow import WAN_NUM_TRAIN_TIMESTEPS, TextFlow, shift_sigma
 
 Solver = Literal["euler", "unipc"]
 
@@ -164,46 +158,12 @@ def _combine(weights: tuple, trees: tuple) -> Any:
     return jax.tree.map(lambda *leaves: sum(w.astype(leaves[0].dtype) * x for w, x in zip(weights, leaves)), *trees)
 
 
-def mixture_euler_step(
-    key: PRNGKeyArray,
-    ids: Int[Array, "B S"],
-    logits: Float[Array, "B S V"],
-    tau: Float[Array, ""] | Float[Array, "B"],
-    tau_next: Float[Array, ""] | Float[Array, "B"],
-    power: float = 1.0,
-) -> Int[Array, "B S"]:
-    """One step of the mixture-path discrete flow from τ to τ_next (κ(τ) = τ^power).
-
-    Draw x1 ~ p(x1 | x_τ) = softmax(logits) per token, then move each token to its x1 with probability
-    (κ(τ_next) − κ(τ)) / (1 − κ(τ)): the chance that a token still showing source at τ shows data at τ_next under
-    the mixture path, so the step is exact in discrete time when the model's posterior is. At τ_next = 1 that
-    probability is exactly 1 and every token takes its sample (the final step returns the sample).
-    """
-    u_x1, u_jump = jax.random.uniform(key, (2,) + ids.shape, jnp.float32)  # one draw for both decisions
-    x1 = _sample_categorical(u_x1, logits)
-    kappa, kappa_next = polynomial_kappa(tau, power), polynomial_kappa(tau_next, power)
-    p_jump = (kappa_next - kappa) / (1.0 - kappa)
-    p_jump = jnp.reshape(p_jump, jnp.shape(p_jump) + (1,) * (ids.ndim - jnp.ndim(p_jump)))
-    return jnp.where(u_jump < p_jump, x1, ids.astype(jnp.int32))
-
-
-def _sample_categorical(uniform: Float[Array, "B S"], logits: Float[Array, "B S V"]) -> Int[Array, "B S"]:
-    """One draw per token from softmax(logits) by inverting the CDF with one uniform per token: the first index
-    whose cumulative probability reaches (1 − u)·total, with 1 − u ∈ (0, 1] so a zero-probability id is never
-    returned. Same law as `jax.random.categorical`, which draws V Gumbels per token and whose log(−log u) alone
-    takes XLA:CPU seconds to compile."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    index = jnp.sum(cdf < (1.0 - uniform)[..., None] * cdf[..., -1:], axis=-1)
-    return jnp.minimum(index, logits.shape[-1] - 1).astype(jnp.int32)
-
-
-class _MixtureText(NamedTuple):
-    """Discrete text carried through the loop: current ids, the loop's key, and the scheduler power."""
+class _SteppedText(NamedTuple):
+    """Non-Gaussian (discrete) text carried through the loop: its state, the loop's key, and the flow that steps it."""
 
     ids: Int[Array, "B S"]
     key: PRNGKeyArray
-    power: float
+    flow: TextFlow
 
 
 def _solve(
@@ -211,7 +171,7 @@ def _solve(
     x: Any,
     sigmas: Float[Array, "N+1"],
     solver: Solver,
-    text: _MixtureText | None = None,
+    text: _SteppedText | None = None,
 ) -> tuple[Any, Int[Array, "B S"] | None]:
     """The shared loop: at each grid point call `evaluate(x, ids, τ)` once -> (velocity of the Gaussian state x,
     logits for the discrete ids or None), update x with the solver's weights and the ids with a mixture step.
@@ -238,7 +198,7 @@ def _solve(
         x_corr = _combine((w.c_self, w.c_prev, w.c_m1, w.c_m2, w.c_now), (x, x_prev, m_prev, m_prev2, m))
         x_next = _combine((w.p_x, w.p_m0, w.p_m1), (x_corr, m, m_prev))
         if ids is not None:
-            ids = mixture_euler_step(key, ids, logits, tau, tau_next, text.power)
+            ids = text.flow.step(key, ids, logits, tau, tau_next)
         return (x_next, x_corr, m, m_prev, ids), None
 
     zeros = jax.tree.map(jnp.zeros_like, x)
@@ -330,87 +290,60 @@ def sample_v2t(
     velocity_fn: VelocityFn,
     key: PRNGKeyArray,
     video: Float[Array, "B T H W C"],
-    text_shape: tuple[int, ...],
+    text_flow: TextFlow,
+    text_len: int,
     context: Float[Array, "B S_c D_c"],
     *,
-    text_flow: TextFlow,
-    decode_fn: Callable[[Float[Array, "B S E"]], Int[Array, "B S"]] | None = None,
-    vocab_size: int | None = None,
-    source: DiscreteSource = "uniform",
-    mask_id: int | None = None,
-    scheduler_power: float = 1.0,
     num_steps: int = 50,
     shift: float | Float[Array, ""] = 5.0,
     solver: Solver = "unipc",
     text_mask: Float[Array, "B S"] | None = None,
 ) -> Int[Array, "B S"]:
-    """Video -> text: the video is held clean (τ_v = 1) and the text is generated from its source.
-
-    text_flow "embedding": text_shape (B, S, E); the embeddings are integrated from N(0, I) with `solver` and
-      decoded to ids with `decode_fn` (e.g. `TextEmbeddingTable.decode`).
-    text_flow "discrete": text_shape (B, S); ids start as source samples (`source`, `vocab_size`, `mask_id`) and move
-      by `mixture_euler_step` on the logits the model returns; `solver` is unused.
-    Both run on τ = 1 − `wan_shifted_sigmas(num_steps, shift)`. Returns ids [B, S] (padding positions included).
-    """
+    """Video -> text: the video is held clean (τ_v = 1) and `text_len` tokens are generated from the flow's source,
+    on τ = 1 − `wan_shifted_sigmas(num_steps, shift)`. Gaussian text is integrated with `solver`; discrete text moves
+    by the flow's step (`solver` unused). Returns ids [B, S] (padding positions included)."""
     batch = video.shape[0]
     key_text, key_loop = jax.random.split(key)
     clean = jnp.ones((batch,), jnp.float32)
     sigmas = wan_shifted_sigmas(num_steps, shift)
+    start = text_flow.source(key_text, batch, text_len)
 
-    if text_flow == "embedding":
-        if decode_fn is None:
-            raise ValueError("text_flow='embedding' needs a decode_fn")
+    def evaluate(text, ids, tau):
+        _, out = velocity_fn(video, text if text_flow.gaussian else ids, clean, jnp.full((batch,), tau), context,
+                             text_mask)
+        return (out, None) if text_flow.gaussian else (None, out)
 
-        def evaluate(text, _ids, tau):
-            _, v_text = velocity_fn(video, text, clean, jnp.full((batch,), tau), context, text_mask)
-            return v_text, None
-
-        text, _ = _solve(evaluate, jax.random.normal(key_text, text_shape, jnp.float32), sigmas, solver)
-        return decode_fn(text)
-
-    if text_flow == "discrete":
-        if vocab_size is None:
-            raise ValueError("text_flow='discrete' needs vocab_size")
-
-        def evaluate_ids(_none, ids, tau):
-            _, logits = velocity_fn(video, ids, clean, jnp.full((batch,), tau), context, text_mask)
-            return None, logits
-
-        start = discrete_source_sample(key_text, text_shape, vocab_size, source, mask_id)
-        _, ids = _solve(evaluate_ids, None, sigmas, "euler", _MixtureText(start, key_loop, scheduler_power))
-        return ids
-
-    raise ValueError(f"unknown text_flow {text_flow!r}; expected 'embedding' or 'discrete'")
+    if text_flow.gaussian:
+        text, _ = _solve(evaluate, start, sigmas, solver)
+        return text_flow.decode(text)
+    _, ids = _solve(evaluate, None, sigmas, "euler", _SteppedText(start, key_loop, text_flow))
+    return text_flow.decode(ids)
 
 
 def sample_joint(
     velocity_fn: VelocityFn,
     key: PRNGKeyArray,
     video_shape: tuple[int, int, int, int, int],
-    text_shape: tuple[int, ...],
+    text_flow: TextFlow,
+    text_len: int,
     context: Float[Array, "B S_c D_c"],
     null_context: Float[Array, "S_c D_c"] | Float[Array, "B S_c D_c"] | None = None,
     guidance_scale: float | Float[Array, ""] = 5.0,
     *,
-    text_flow: TextFlow,
-    decode_fn: Callable[[Float[Array, "B S E"]], Int[Array, "B S"]] | None = None,
-    vocab_size: int | None = None,
-    source: DiscreteSource = "uniform",
-    mask_id: int | None = None,
-    scheduler_power: float = 1.0,
     num_steps: int = 50,
     shift: float | Float[Array, ""] = 5.0,
     solver: Solver = "unipc",
     text_mask: Float[Array, "B S"] | None = None,
 ) -> tuple[Float[Array, "B T H W C"], Int[Array, "B S"]]:
     """Joint generation: video and text both start from their sources and move together on ONE τ grid
-    (τ_v = τ_t at every call), one model call per step. The video always uses `solver`; embedding text joins the
-    same Gaussian state (so the same solver), discrete text takes a mixture step on the same grid. CFG, when a
-    null context is given, applies to the video velocity only. Returns (video latents, text ids)."""
+    (τ_v = τ_t at every call), one model call per step. The video always uses `solver`; Gaussian text joins the
+    same state (so the same solver), discrete text takes its flow's step on the same grid. CFG, when a null context
+    is given, applies to the video velocity only. Returns (video latents, text ids)."""
     batch = video_shape[0]
     key_video, key_text, key_loop = jax.random.split(key, 3)
     video_noise = jax.random.normal(key_video, video_shape, jnp.float32)
     sigmas = wan_shifted_sigmas(num_steps, shift)
+    start = text_flow.source(key_text, batch, text_len)
 
     def call(video, text, tau):
         taus = jnp.full((batch,), tau)
@@ -418,24 +351,10 @@ def sample_joint(
             velocity_fn, video, text, taus, taus, context, null_context, guidance_scale, text_mask
         )
 
-    if text_flow == "embedding":
-        if decode_fn is None:
-            raise ValueError("text_flow='embedding' needs a decode_fn")
-        start = (video_noise, jax.random.normal(key_text, text_shape, jnp.float32))
-        (video, text), _ = _solve(lambda state, _ids, tau: (call(*state, tau), None), start, sigmas, solver)
-        return video, decode_fn(text)
-
-    if text_flow == "discrete":
-        if vocab_size is None:
-            raise ValueError("text_flow='discrete' needs vocab_size")
-        start_ids = discrete_source_sample(key_text, text_shape, vocab_size, source, mask_id)
-        video, ids = _solve(
-            lambda video, ids, tau: call(video, ids, tau),
-            video_noise,
-            sigmas,
-            solver,
-            _MixtureText(start_ids, key_loop, scheduler_power),
-        )
-        return video, ids
-
-    raise ValueError(f"unknown text_flow {text_flow!r}; expected 'embedding' or 'discrete'")
+    if text_flow.gaussian:
+        (video, text), _ = _solve(lambda state, _ids, tau: (call(*state, tau), None), (video_noise, start), sigmas,
+                                  solver)
+        return video, text_flow.decode(text)
+    video, ids = _solve(lambda video, ids, tau: call(video, ids, tau), video_noise, sigmas, solver,
+                        _SteppedText(start, key_loop, text_flow))
+    return video, text_flow.decode(ids)

@@ -74,23 +74,16 @@ def unified_flow_loss(model: UniViGU, batch: dict, key, fc) -> tuple[jax.Array, 
     tau_v, tau_t = flow.mix_tasks(k_task, tau_v, tau_t, fc.clean_video_prob, fc.clean_text_prob)
     z0 = jax.random.normal(k_nv, z1.shape, z1.dtype)
     context = flow.drop_condition(k_drop, batch["context"], fc.cond_dropout)
-    text_flow = model.config.text_flow
-    if text_flow == "embedding":
-        t1 = model.embed_text_targets(ids)
-        t0 = jax.random.normal(k_nt, t1.shape, t1.dtype)
-        text_in, text_target = flow.interpolate(t1, t0, tau_t), flow.velocity_target(t1, t0)
-    else:
-        text_in = flow.discrete_corrupt(k_nt, ids, tau_t, model.config.vocab_size, source=fc.discrete_source,
-                                        scheduler_power=fc.scheduler_power)
-        text_target = ids
+    text_flow = model.text_flow
+    text_in, text_target = text_flow.corrupt(k_nt, ids, tau_t)
     video_v, text_out = model(flow.interpolate(z1, z0, tau_v), text_in, tau_v, tau_t, context, mask)
     # A modality given clean (τ = 1) has nothing to denoise: its loss term skips that example.
     loss, parts = flow.uni_flow_loss(video_v, flow.velocity_target(z1, z0), text_out, text_target, mask,
                                      text_flow=text_flow, video_weight=(tau_v < 1.0).astype(jnp.float32),
                                      text_weight=(tau_t < 1.0).astype(jnp.float32))
     metrics = {"loss_video": parts["video"], "loss_text": parts["text"]}
-    if text_flow == "embedding" and fc.rounding_weight:
-        rounding = flow.rounding_loss(model.text_table, flow.predict_clean(text_in, text_out, tau_t), ids, mask)
+    rounding = text_flow.auxiliary_loss(text_in, text_out, tau_t, ids, mask)
+    if rounding is not None and fc.rounding_weight:
         loss = loss + fc.rounding_weight * rounding
         metrics["loss_rounding"] = rounding
     return loss, metrics
@@ -385,7 +378,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
                               "seconds": time.perf_counter() - t_start}
     if not stop["requested"]:
         if c.stage == "pretrain_t2v" and jax.process_index() == 0:
-            export = checkpoint.save_wan_dit(workdir_path / "export" / "dit", model, overwrite=True,
+            export = checkpoint.save_pretrained(workdir_path / "export" / "dit", model, overwrite=True,
                                              source={"kind": "uvigu pretrain_t2v", "workdir": str(workdir_path),
                                                      "step": step})
             result["export"] = str(export)

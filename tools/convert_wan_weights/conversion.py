@@ -2,7 +2,7 @@
 
 Memory: each target param (e.g. `blocks.attn1.to_q.kernel`, [L, D, D]) is allocated once, in the output dtype, and
 filled layer by layer from the memory-mapped source tensors, whose pages are dropped again right after the copy.
-The Orbax writer is set up to add no copy either (`uvigu.checkpoint.save_wan_dit_params`). Peak RAM is therefore the
+The Orbax writer is set up to add no copy either (`uvigu.checkpoint.save_params`). Peak RAM is therefore the
 fixed floor of Python + JAX plus about the size of the output, never a second full copy (no torch.load of a whole
 file, no stacking of per-layer copies); `measure_peak_ram.py` checks this.
 
@@ -203,7 +203,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite:
     described = source.describe(src)
     described.update(converter="tools.convert_wan_weights", requested_dtype=dtype,
                      converted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    checkpoint.save_wan_dit_params(out, params, config, source=described, overwrite=overwrite)
+    checkpoint.save_params(out, checkpoint.WAN_DIT, config, params, source=described, overwrite=overwrite)
     del params
     return ConversionResult(
         source=source, output=out, config=config, dtype=" + ".join(stored), tensor_count=len(plan.routes),

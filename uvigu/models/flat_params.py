@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-_LOOPED_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def abbrev(items: list[str], n: int = 12) -> str:
@@ -67,31 +66,34 @@ def load_flat_params(model: nnx.Module, flat: Mapping[str, Any]) -> None:
     nnx.update(model, filled_state(nnx.state(model, nnx.Param), flat))
 
 
-def unstack_blocks(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Stacked layout (`blocks.x.y` [L, ...]) -> looped layout (`blocks.{i}.x.y`)."""
+def unstack_blocks(flat: Mapping[str, Any], num_layers: int, prefixes: tuple[str, ...] = ("blocks",)) -> dict[str, Any]:
+    """Stacked layout (`blocks.x.y` [L, ...]) -> looped layout (`blocks.{i}.x.y`), for each layer-stack prefix
+    (e.g. UniViGU's `dit.blocks` and `ffn_t`)."""
     out = {}
     for path, a in flat.items():
-        if path.startswith("blocks."):
-            for i in range(num_layers):
-                out[f"blocks.{i}.{path[len('blocks.'):]}"] = a[i]
-        else:
+        prefix = next((p for p in prefixes if path.startswith(p + ".")), None)
+        if prefix is None:
             out[path] = a
+            continue
+        for i in range(num_layers):
+            out[f"{prefix}.{i}.{path[len(prefix) + 1:]}"] = a[i]
     return out
 
 
-def stack_blocks(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Looped layout (`blocks.{i}.x.y`) -> stacked layout (`blocks.x.y` [L, ...])."""
+def stack_blocks(flat: Mapping[str, Any], num_layers: int, prefixes: tuple[str, ...] = ("blocks",)) -> dict[str, Any]:
+    """Looped layout (`blocks.{i}.x.y`) -> stacked layout (`blocks.x.y` [L, ...]), for each layer-stack prefix."""
+    looped = [re.compile(rf"^({re.escape(p)})\.(\d+)\.(.+)$") for p in prefixes]
     out, per_layer = {}, {}
     for path, a in flat.items():
-        m = _LOOPED_BLOCK.match(path)
+        m = next((m for m in (r.match(path) for r in looped) if m), None)
         if m:
-            per_layer.setdefault(m.group(2), {})[int(m.group(1))] = a
+            per_layer.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = a
         else:
             out[path] = a
-    for rest, by_layer in per_layer.items():
+    for name, by_layer in per_layer.items():
         if sorted(by_layer) != list(range(num_layers)):
-            raise ValueError(f"blocks.*.{rest}: have layers {sorted(by_layer)}, expected 0..{num_layers - 1}")
-        out[f"blocks.{rest}"] = np.stack([np.asarray(by_layer[i]) for i in range(num_layers)])
+            raise ValueError(f"{name} (stacked): have layers {sorted(by_layer)}, expected 0..{num_layers - 1}")
+        out[name] = np.stack([np.asarray(by_layer[i]) for i in range(num_layers)])
     return out
 
 

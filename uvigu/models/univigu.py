@@ -15,9 +15,11 @@ Both τ follow the paper (1 = clean). The DiT runs in Wan's units: timestep = (1
 noise − data, so the video velocity returned is −(DiT output). With no text tokens (S = 0) the video velocity
 equals −WanDiT(x, (1 − τ_v)·1000, context): the pretrained prior is untouched by the wrapping (tested).
 
-Text flows (`text_flow`): "embedding" (paper): text is a noisy latent [B, S, E] in the space of a learnable table
-E [V, E] (`flow.TextEmbeddingTable`), projected to D on the way in; the head predicts the velocity [B, S, E].
-"discrete" (released code): text is token ids [B, S], embedded by a vocab table [V, D]; the head predicts logits.
+Text flows (`UniViGUConfig.text_flow`, read once here; everything else uses `model.text_flow`, a `uvigu.flow`
+object): "embedding" (paper): text is a noisy latent [B, S, E] in the space of a learnable table E [V, E]
+(`TextEmbeddingTable`), projected to D on the way in; the head predicts the velocity [B, S, E]. "discrete" (released
+code): text is token ids [B, S], embedded by a vocab table [V, D] (one more row, the mask id V, with the "mask"
+source); the head predicts logits [B, S, V].
 
 Shape letters: B batch, T/H/W latent frames/height/width, C latent channels, L video tokens, S text tokens,
 D model dim, E text latent dim, V vocab, G prompt-encoder dim.
@@ -37,16 +39,16 @@ from jaxtyping import Array, Bool, Float, Int
 from uvigu import flow, sharding
 from uvigu.models import layers
 from uvigu.models.model_config import ModelConfig
-from uvigu.models.wan import TimeEmbedding, WanDiT, WanFeedForward, layer_stack, split_modulation
+from uvigu.models.text_table import TextEmbeddingTable
+from uvigu.models.wan import TimeEmbedding, WanConfig, WanDiT, WanFeedForward, layer_stack, split_modulation
 
-TextFlow = Literal["embedding", "discrete"]
 
 
 @dataclasses.dataclass(frozen=True)
 class UniViGUConfig(ModelConfig):
     """The text side added to a Wan DiT. The DiT's own architecture stays in its `WanConfig`."""
 
-    text_flow: TextFlow = "embedding"
+    text_flow: flow.TextFlowName = "embedding"
     vocab_size: int = 256_384  # umT5's tokenizer
     text_latent_dim: int = 128  # E, the embedding flow's text latent width (unused by the discrete flow)
     max_text_len: int = 256  # longest caption; also bounds the text RoPE table
@@ -54,14 +56,39 @@ class UniViGUConfig(ModelConfig):
     ffn_t_init: Literal["fresh", "copy"] = "fresh"  # paper: fresh; released code: a copy of FFN_v (needs equal width)
     embedding_row_norm: float | None = None  # fixed row norm of E; None = sqrt(E)
     text_rope_theta: float = 10000.0
+    discrete_source: flow.DiscreteSource = "uniform"  # discrete flow: uniform ids, or an absorbing mask id (= V)
+    scheduler_power: float = 1.0  # discrete flow: κ(τ) = τ^power
 
     def __post_init__(self):
         if self.text_flow not in ("embedding", "discrete"):
             raise ValueError(f"UniViGUConfig.text_flow={self.text_flow!r} is not 'embedding' or 'discrete'")
+        if self.discrete_source not in ("uniform", "mask"):
+            raise ValueError(f"UniViGUConfig.discrete_source={self.discrete_source!r} is not 'uniform' or 'mask'")
         if self.ffn_t_init not in ("fresh", "copy"):
             raise ValueError(f"UniViGUConfig.ffn_t_init={self.ffn_t_init!r} is not 'fresh' or 'copy'")
         if self.vocab_size < 2 or self.text_latent_dim < 1 or self.max_text_len < 1:
             raise ValueError(f"UniViGUConfig: vocab_size, text_latent_dim and max_text_len must be positive: {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniViGUModelConfig:
+    """Everything that builds a `UniViGU`: its DiT's `WanConfig` and the text side's `UniViGUConfig` (what a UniViGU
+    model folder records). Execution fields (dtype, scan_layers, ...) live on `wan`."""
+
+    wan: WanConfig
+    univigu: UniViGUConfig
+
+    def to_dict(self) -> dict:
+        return {"wan": self.wan.to_dict(), "univigu": self.univigu.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UniViGUModelConfig":
+        if set(d) != {"wan", "univigu"}:
+            raise ValueError(f"a UniViGU config has sections 'wan' and 'univigu', got {sorted(d)}")
+        return cls(WanConfig.from_dict(d["wan"]), UniViGUConfig.from_dict(d["univigu"]))
+
+    def build(self, rngs: nnx.Rngs) -> "UniViGU":
+        return UniViGU(WanDiT(self.wan, rngs=rngs), self.univigu, rngs=rngs)
 
 
 class TextHead(nnx.Module):
@@ -102,13 +129,13 @@ class UniViGU(nnx.Module):
                                  w.scan_layers, rngs)
         self.text_time = TimeEmbedding(w.dim, w.freq_dim, param_dtype=w.storage_dtype, rngs=rngs)
         if config.text_flow == "embedding":
-            self.text_table = flow.TextEmbeddingTable(config.vocab_size, config.text_latent_dim, rngs=rngs,
-                                                      row_norm=config.embedding_row_norm,
-                                                      param_dtype=w.storage_dtype)
+            self.text_table = TextEmbeddingTable(config.vocab_size, config.text_latent_dim, rngs=rngs,
+                                                 row_norm=config.embedding_row_norm, param_dtype=w.storage_dtype)
             self.text_proj_in = layers.dense(config.text_latent_dim, w.dim, (None, "embed"), **dt, rngs=rngs)
             self.text_head = TextHead(w.dim, config.text_latent_dim, None, eps=w.eps, **dt, rngs=rngs)
         else:
-            self.vocab_embed = nnx.Embed(config.vocab_size, w.dim, dtype=w.compute_dtype,
+            mask_row = int(config.discrete_source == "mask")
+            self.vocab_embed = nnx.Embed(config.vocab_size + mask_row, w.dim, dtype=w.compute_dtype,
                                          param_dtype=w.storage_dtype, rngs=rngs,
                                          embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
                                                                               ("vocab", "embed")))
@@ -141,9 +168,18 @@ class UniViGU(nnx.Module):
                     copy(block.ffn, ffn_t)
 
     @property
+    def text_flow(self) -> flow.TextFlow:
+        """The text flow object (source, corruption, loss, solver step, decoding) of this model's text side."""
+        c = self.config
+        if hasattr(self, "text_table"):
+            return flow.EmbeddingTextFlow(self.text_table)
+        return flow.DiscreteTextFlow(c.vocab_size, source=c.discrete_source, scheduler_power=c.scheduler_power,
+                                     mask_id=c.vocab_size if c.discrete_source == "mask" else None)
+
+    @property
     def text_latent_dim(self) -> int | None:
         """E, the width of the text latents the embedding flow feeds in; None for the discrete flow (token ids)."""
-        return self.config.text_latent_dim if self.config.text_flow == "embedding" else None
+        return self.text_table.dim if hasattr(self, "text_table") else None
 
     def as_velocity_fn(self):
         """This model as a pure function with the samplers' signature
@@ -162,17 +198,9 @@ class UniViGU(nnx.Module):
 
     # -- text in / out -------------------------------------------------------------------------------------------------
 
-    def embed_text_targets(self, ids: Int[Array, "B S"]) -> Float[Array, "B S E"]:
-        """Clean text latents z_t,1 = E[ids] (embedding flow)."""
-        return self.text_table.embed(ids)
-
-    def decode_text(self, z: Float[Array, "B S E"]) -> Int[Array, "B S"]:
-        """Token ids nearest to clean text latents (embedding flow)."""
-        return self.text_table.decode(z)
-
     def _embed_text(self, text) -> Float[Array, "B S D"]:
         c = self.config
-        if c.text_flow == "embedding":
+        if self.text_flow.gaussian:
             if text.ndim != 3 or text.shape[-1] != c.text_latent_dim:
                 raise ValueError(f"text must be noisy text latents [B, S, E={c.text_latent_dim}] for the embedding "
                                  f"flow, got {text.shape}")
@@ -182,8 +210,9 @@ class UniViGU(nnx.Module):
                              f"{text.dtype}")
         if not isinstance(text, jax.core.Tracer):  # values are only visible outside jit
             bad = np.asarray(text)
-            if bad.size and (bad.min() < 0 or bad.max() >= c.vocab_size):
-                raise ValueError(f"text ids must be in [0, vocab_size={c.vocab_size}), got range "
+            top = self.vocab_embed.num_embeddings  # V, or V + 1 with the mask id
+            if bad.size and (bad.min() < 0 or bad.max() >= top):
+                raise ValueError(f"text ids must be in [0, {top}) (vocab_size={c.vocab_size}), got range "
                                  f"[{bad.min()}, {bad.max()}]")
         # Under jit an out-of-range id gathers NaN (jnp.take's "fill" mode), which the training NaN guard reports.
         return self.vocab_embed(text).astype(jnp.float32)
