@@ -30,6 +30,10 @@ setup(
         "tensorflow-cpu",
         "tensorboard",
         "Pillow",
+        "av",  # PyAV: reading and writing videos (uvigu.data.video)
+        "tokenizers",  # umT5's tokenizer (uvigu.data.umt5_tokenizer), as transformers builds it
+        "protobuf",  # reading a sentencepiece model to build that tokenizer
+        "tqdm",  # progress bars of the commands
     ],
     extras_require={
         # The PyTorch references the parity tests compare against (CPU torch; never a CUDA build).

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from uvigu.data import world
-from uvigu.data.codec import ToyCodec
+from uvigu.codec import ToyCodec
 from uvigu.data.tokenizer import SentencePieceTokenizer, build_tokenizer
 from uvigu.data.toy_world import (CorruptShardError, ToyWorldPaths, ToyWorldSource, build_toy_world, decode_record,
                                   encode_record)

@@ -34,7 +34,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
-from uvigu import checkpoint, flow, run_config, sharding
+from uvigu import checkpoint, flow, run_config, run_data, sharding
 from uvigu.data import pipeline
 from uvigu.models.univigu import UniViGU, text_params
 from uvigu.models.wan import WanDiT
@@ -274,7 +274,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     logging.info("stage %s, variant %s, mesh %s, workdir %s", c.stage, c.variant, dict(mesh.shape), workdir_path)
 
     # ----------------------------------------------------------------------------------------------------- Data ----
-    data = pipeline.open_datasets(c)
+    data = run_data.open_datasets(c)
     train_iter = iter(pipeline.training_dataset(data.train, global_batch_size=c.data.global_batch_size,
                                                 target=c.data.text_target, seed=c.seed,
                                                 loss_on_padding=c.data.loss_on_padding))
@@ -288,7 +288,10 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     n_trainable = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, trainable_filter(c))))
     logging.info("params: %s (%s trainable)", f"{n_params:,}", f"{n_trainable:,}")
-    data.check_model(model)
+    dit = model.dit if isinstance(model, UniViGU) else model
+    data.check_shapes(in_channels=dit.config.in_channels, out_channels=dit.config.out_channels,
+                      text_dim=dit.config.text_dim,
+                      vocab_size=model.config.vocab_size if isinstance(model, UniViGU) else None)
 
     # ------------------------------------------------------------------------------------ Checkpoint / resume ----
     mngr = ocp.CheckpointManager(

@@ -15,7 +15,6 @@ run sees exactly the batches an uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Literal, Mapping
 
 import grain
@@ -122,70 +121,16 @@ class Datasets:
     def null_context(self) -> np.ndarray:
         return np.zeros(self.context_shape, np.float32)
 
-    def check_model(self, model) -> None:
-        """Fails early, naming both sides, when the data and the model's shapes disagree."""
-        from uvigu.models.univigu import UniViGU
-
-        dit = model.dit if isinstance(model, UniViGU) else model
-        channels, text_dim = self.latent_shape[-1], self.context_shape[-1]
-        if dit.config.in_channels != channels or dit.config.out_channels != channels:
+    def check_shapes(self, *, in_channels: int, out_channels: int, text_dim: int,
+                     vocab_size: int | None = None) -> None:
+        """Fails early, naming both sides, when the data and the model's shapes disagree (the caller passes the
+        model's numbers: the data layer knows no model)."""
+        channels, width = self.latent_shape[-1], self.context_shape[-1]
+        if in_channels != channels or out_channels != channels:
             raise ValueError(f"data latents have {channels} channels; the model's in/out_channels are "
-                             f"{dit.config.in_channels}/{dit.config.out_channels} (config.model.wan)")
-        if dit.config.text_dim != text_dim:
-            raise ValueError(f"data context width is {text_dim}; the model's text_dim is {dit.config.text_dim}")
-        if isinstance(model, UniViGU) and model.config.vocab_size < self.tokenizer.vocab_size:
+                             f"{in_channels}/{out_channels} (config.model.wan)")
+        if text_dim != width:
+            raise ValueError(f"data context width is {width}; the model's text_dim is {text_dim}")
+        if vocab_size is not None and vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens; config.model.univigu.vocab_size "
-                             f"is {model.config.vocab_size}")
-
-
-def open_datasets(c) -> Datasets:
-    """The run's data from `config.data`: the embedded toy world (built on first use, cached under `data.path`), or
-    prebuilt latent shards in the same manifest + ArrayRecord format (`data.kind='shards'`, `data.path`)."""
-    from uvigu.data import toy_world
-
-    d = c.data
-    if d.kind == "toy_world":
-        paths = build_toy_world_for_run(d.path, seed=c.seed, train_size=d.train_size, val_size=d.val_size,
-                                        test_size=d.test_size, context_len=c.model.wan.text_len)
-    elif d.kind == "shards":
-        if not d.path:
-            raise ValueError("config.data.kind='shards' needs config.data.path (a folder with a manifest.json)")
-        paths = toy_world.ToyWorldPaths.from_root(d.path)
-    else:
-        raise ValueError(f"config.data.kind={d.kind!r} is not 'toy_world' or 'shards'")
-    splits = {s: toy_world.ToyWorldSource(paths, s) for s in ("train", "validation", "test")}
-    first = splits["train"][0]
-    return Datasets(train=splits["train"], validation=splits["validation"], test=splits["test"],
-                    tokenizer=paths.open_tokenizer(), codec=paths.open_codec(),
-                    latent_shape=tuple(first["latents"].shape), context_shape=tuple(first["context"].shape))
-
-
-# The toy world's frozen prompt encoder: umT5's architecture, tiny, random weights from this seed.
-TOY_ENCODER_SEED = 1234
-
-
-def build_toy_world_for_run(cache_dir: str, *, seed: int, train_size: int, val_size: int, test_size: int,
-                            context_len: int):
-    """Builds (or reuses) the toy world: its tokenizer first, then the tiny umT5 encoder sized to that vocabulary,
-    whose embeddings of every prompt (zero-padded to `context_len`, as Wan prepares umT5 output) go into the
-    shards."""
-    from flax import nnx
-
-    from uvigu.data import tokenizer as toy_tokenizer
-    from uvigu.data import toy_world
-    from uvigu.data.world import WorldSpec
-    from uvigu.models.umt5 import UMT5Config, UMT5Encoder, wan_context
-
-    spec = WorldSpec(seed=seed, num_train=train_size, num_validation=val_size, num_test=test_size)
-    tok = toy_tokenizer.build_tokenizer(cache_dir, spec)
-    enc_cfg = UMT5Config.preset("tiny", vocab_size=tok.vocab_size)
-    encoder = UMT5Encoder(enc_cfg, rngs=nnx.Rngs(TOY_ENCODER_SEED))
-
-    @nnx.jit
-    def encode(encoder, ids, mask):
-        return wan_context(encoder(ids, mask), mask, context_len)
-
-    encoder_id = json.dumps({"umt5": enc_cfg.to_dict(), "seed": TOY_ENCODER_SEED, "context_len": context_len},
-                            sort_keys=True)
-    return toy_world.build_toy_world(cache_dir, spec, tok,
-                                     lambda ids, mask: np.asarray(encode(encoder, ids, mask)), encoder_id)
+                             f"is {vocab_size}")

@@ -50,7 +50,7 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
-from uvigu.data.codec import ToyCodec
+from uvigu.codec import Codec, ToyCodec, open_codec
 from uvigu.data.tokenizer import SentencePieceTokenizer, build_tokenizer
 from uvigu.data.world import (ATTRIBUTES, SPLITS, WorldSpec, attribute_ids, caption_text, prompt_text, render,
                               split_scenes)
@@ -150,9 +150,9 @@ class ToyWorldPaths:
     def open_tokenizer(self) -> SentencePieceTokenizer:
         return SentencePieceTokenizer.load(self.tokenizer)
 
-    def open_codec(self) -> ToyCodec:
-        codec = self.read_manifest()["codec"]
-        return ToyCodec(codec["factor"], codec["mean"], codec["std"])
+    def open_codec(self, model_folder=None) -> Codec:
+        """The codec the manifest names (a WanVAE needs the model folder its latents came from)."""
+        return open_codec(self.read_manifest()["codec"], model_folder)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""The toy world's video codec: a lossless stand-in for the Wan VAE behind the interface the VAE will have.
+"""Video codecs: video [B, F, H, W, 3] in [−1, 1] ⇄ normalised latents [B, T, h, w, C], behind one interface
+(`Codec`) that the data manifests and the model folders name (`describe()["name"]`, `open_codec`):
+
+  ToyCodec  the toy world's lossless space-to-depth codec (below), numpy or jax, no params;
+  WanVAE    the Wan2.1 VAE (`uvigu.models.wan_vae`), an NNX module with params, loaded from a model folder.
+
+The toy world's codec stands where the Wan VAE stands:
 
 Space-to-depth by a factor s (default 4): each s×s pixel block becomes one latent position with s·s·3 channels, so
 [B, F, 32, 32, 3] -> [B, F, 8, 8, 48]; time is not compressed (stride (1, s, s)). Like the Wan VAE's latents, the
@@ -16,11 +22,47 @@ Shape letters: B batch, F frames, H/W pixels, T/h/w latent grid, C latent channe
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from uvigu.data.world import WorldSpec
+
+class Codec(Protocol):
+    """What the data layer, the pipeline and the evaluation need of a video codec."""
+
+    @property
+    def latent_channels(self) -> int: ...
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        """Pixels per latent position along (frames, height, width)."""
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(T, h, w, C) of one video; a ValueError for sizes the codec cannot take."""
+
+    def encode(self, video) -> Any:
+        """video [B, F, H, W, 3] in [−1, 1] -> normalised latents [B, T, h, w, C]."""
+
+    def decode(self, latents) -> Any:
+        """normalised latents [B, T, h, w, C] -> video [B, F, H, W, 3] in [−1, 1]."""
+
+    def describe(self) -> dict:
+        """What a manifest or model folder records to reopen the codec: {"name": ..., ...}."""
+
+
+def open_codec(description: dict, model_folder=None) -> Codec:
+    """The codec a manifest describes. ToyCodec is rebuilt from its description; a WanVAE is loaded from
+    `model_folder` (a converted DST or its `vae/`), since its params are not in the description."""
+    name = description.get("name")
+    if name == "ToyCodec":
+        return ToyCodec(description["factor"], description["mean"], description["std"])
+    if name == "WanVAE":
+        if model_folder is None:
+            raise ValueError("a WanVAE codec needs the model folder that holds its vae/")
+        from uvigu import checkpoint  # the only codec with params; imported on demand
+
+        return checkpoint.load_pretrained(model_folder, kind=checkpoint.WAN_VAE)
+    raise ValueError(f"unknown codec {name!r} in {description}; known: ToyCodec, WanVAE")
 
 
 class ToyCodec:
@@ -41,7 +83,8 @@ class ToyCodec:
         self._std = np.tile(np.asarray(self.std, np.float32), factor * factor)
 
     @classmethod
-    def from_spec(cls, spec: WorldSpec) -> "ToyCodec":
+    def from_spec(cls, spec) -> "ToyCodec":
+        """From a toy-world `WorldSpec` (its codec factor and RGB statistics)."""
         return cls(spec.codec_factor, spec.codec_mean, spec.codec_std)
 
     @property
