@@ -1,14 +1,25 @@
-"""Toy-world (or real-data) video-only flow training of the Wan DiT: the "pretrained generator" that stage 1
-starts from, standing where the released Wan2.1 weights stand. Its final params are exported as a Wan model folder
-(`WORKDIR/export/dit`) that loads exactly like a converted Wan2.1 release.
+"""Video-only flow training of the Wan DiT: the "pretrained generator" that stage 1 starts from (the toy world's
+stand-in for Wan2.1's own pretraining). Its final params are exported as a Wan model folder (`WORKDIR/export/dit`)
+that loads exactly like a converted Wan2.1 release.
 
-Variants: `--config=configs/pretrain_t2v.py` (tiny, CPU), `:wan2.1-1.3b`, `:wan2.1-14b`. Every value can be overridden,
-e.g. `--config.model.univigu.text_flow=discrete`.
+    python -m uvigu.main --config=configs/pretrain_t2v.py[:tiny|wan2.1-1.3b|wan2.1-14b] --workdir=runs/pretrain_t2v
 """
 
-from uvigu.run_config import base_config
+from uvigu import run_config
+
 
 def get_config(arg=None):
-    c = base_config("pretrain_t2v", arg)
+    variant = run_config.parse_variant(arg)
+    c = run_config.common("pretrain_t2v", variant)
 
+    # ---- run-local ----
+    c.data.text_target = "none"
+    c.flow.cond_dropout = 0.1
+    c.optim.lr = 1e-4
+    c.total_steps = 100_000
+
+    if variant == "tiny":
+        run_config.use_toy_world(c)
+        c.flow.cond_dropout = 0.5  # pretraining keeps the usual mix
+        c.total_steps = 600
     return c

@@ -1,16 +1,28 @@
 """Stage 1, Knowledge Recall: UniViGU initialised from a Wan generator (a converted Wan2.1 folder, or the toy
 world's `pretrain_t2v` export); the target text is the conditioning prompt itself, with condition dropout so the
-text must be recovered from the video. lr 2e-4 at full scale (40K steps).
+text must be recovered from the video. Paper: lr 2e-4, 40K steps.
 
-Variants: `--config=configs/stage1.py` (tiny, CPU), `:wan2.1-1.3b`, `:wan2.1-14b`. Every value can be overridden,
-e.g. `--config.model.univigu.text_flow=discrete`.
+    python -m uvigu.main --config=configs/stage1.py[:tiny|wan2.1-1.3b|wan2.1-14b] --workdir=runs/stage1 \
+        [--config.init.path=CONVERTED_WAN_FOLDER --config.data.path=SHARDS]
 """
 
-from uvigu.run_config import base_config
+from uvigu import run_config
 
 
 def get_config(arg=None):
-    c = base_config("stage1", arg)
-    c.init.kind = "wan"
-    c.init.path = "runs/pretrain_t2v/export/dit" if c.variant == "tiny" else ""  # set --config.init.path
+    variant = run_config.parse_variant(arg)
+    c = run_config.common("stage1", variant)
+
+    # ---- run-local ----
+    c.init.kind, c.init.path = "wan", ""  # set --config.init.path
+    c.data.text_target = "prompt"
+    c.flow.cond_dropout = 0.3
+    c.optim.lr = 2e-4
+    c.total_steps = 40_000
+
+    if variant == "tiny":
+        run_config.use_toy_world(c)
+        c.init.path = "runs/pretrain_t2v/export/dit"
+        c.flow.cond_dropout = 0.9  # knowledge recall pushed to the limit: captions mostly from the video alone
+        c.total_steps = 400
     return c

@@ -105,9 +105,11 @@ def world(tmp_path_factory) -> Path:
 
 
 def tiny_config(stage: str, world: Path, flow: str = "discrete", **overrides) -> ml_collections.ConfigDict:
-    """`base_config(stage, 'tiny')` shrunk by TINY; `overrides` use flattened keys with '__' for '.'."""
-    c = run_config.base_config(stage, "tiny")
-    c.update_from_flattened_dict({**TINY, "data.path": str(world), "model.univigu.text_flow": flow,
+    """`configs/{stage}.py:tiny` shrunk by TINY, starting from scratch unless `init__*` overrides say otherwise;
+    `overrides` use flattened keys with '__' for '.'."""
+    c = run_config.load(stage, "tiny")
+    c.update_from_flattened_dict({**TINY, "init.kind": "scratch", "init.path": "", "data.path": str(world),
+                                  "model.univigu.text_flow": flow,
                                   **{k.replace("__", "."): v for k, v in overrides.items()}})
     return c
 

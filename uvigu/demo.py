@@ -12,32 +12,23 @@ run again (its workdir resumes at its last step).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 from absl import app, flags, logging
 
+from uvigu import run_config
+
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Where the world, the three workdirs and the samples go.")
 _TEXT_FLOW = flags.DEFINE_enum("text_flow", "discrete", ["discrete", "embedding"], "The text flow of stages 1-2.")
 _STEPS = flags.DEFINE_list("steps", None, "Training steps of pretrain_t2v,stage1,stage2 (default: the configs').")
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_config(stage: str):
-    spec = importlib.util.spec_from_file_location(f"configs.{stage}", CONFIGS / f"{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
 
 def stage_configs(root: Path, text_flow: str, steps: list[int] | None):
     """The three tiny configs, chained: stage 1 starts from the pretrain export, stage 2 from the stage-1 workdir."""
     out = {}
     for i, stage in enumerate(("pretrain_t2v", "stage1", "stage2")):
-        c = load_config(stage)
+        c = run_config.load(stage, "tiny")
         c.data.path = str(root / "toy_world")
         c.model.univigu.text_flow = text_flow
         if steps:

@@ -20,24 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from uvigu import flow, sampling
+from uvigu import pipeline as uvigu_pipeline
+from uvigu import sampling
 from uvigu.data import pipeline
 from uvigu.data.world import ATTRIBUTES, PROMPT_ATTRIBUTES
 from uvigu.eval import toy_metrics
 from uvigu.models.univigu import UniViGU
-
-
-def _velocity_fn(model) -> sampling.VelocityFn:
-    """The samplers' pure velocity function for either model kind. A bare DiT ignores the text."""
-    if isinstance(model, UniViGU):
-        return model.as_velocity_fn()
-    graphdef, state = nnx.split(model)
-
-    def video_only(video, text, tau_v, tau_t, context, text_mask=None):
-        dit = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
-        return flow.wan_velocity_to_paper(dit(video, flow.tau_to_wan_timestep(tau_v), context)), text
-
-    return video_only
 
 
 def _stack(records, key, dtype=None) -> np.ndarray:
@@ -45,31 +33,29 @@ def _stack(records, key, dtype=None) -> np.ndarray:
 
 
 def generate(c, model, batch: dict[str, jax.Array], key) -> dict[str, Any]:
-    """T2V latents (and, for UniViGU, V2T ids and a joint pair) for one batch: `latents` (the clean videos V2T
-    captions), `context`, `prompt_ids`, `prompt_mask`."""
+    """T2V latents (and, for UniViGU, V2T ids and a joint pair) for one batch of records (`latents`: the clean videos
+    V2T captions, `context`, `prompt_ids`, `prompt_mask`), through the inference pipeline's sampling core
+    (`uvigu.pipeline.t2v_latents` / `v2t_ids` / `joint_sample`): the evaluation runs what users run."""
     s = c.sample
     video, context = batch["latents"].astype(jnp.float32), batch["context"].astype(jnp.float32)
     prompt_ids, prompt_mask = batch["prompt_ids"].astype(jnp.int32), batch["prompt_mask"].astype(bool)
-    velocity = _velocity_fn(model)
     is_unified = isinstance(model, UniViGU)
+    sigmas = sampling.schedule(s.solver, s.num_steps, s.shift)
+    null = jnp.zeros_like(context)  # what condition dropout trains on
     k_t2v, k_v2t, k_joint = jax.random.split(key, 3)
     # T2V: the prompt, clean, as the text tokens (as the released code does); CFG on the video velocity.
-    text_mask = pipeline.text_attention_mask(prompt_mask, c.data.loss_on_padding)
-    prompt_text = model.text_flow.clean(prompt_ids) if is_unified else prompt_ids
-    out = {"t2v": sampling.sample_t2v(velocity, k_t2v, video.shape, prompt_text, context,
-                                      null_context=jnp.zeros_like(context), guidance_scale=s.guidance_scale,
-                                      num_steps=s.num_steps, shift=s.shift, solver=s.solver, text_mask=text_mask)}
+    text_mask = pipeline.text_attention_mask(prompt_mask, c.data.loss_on_padding) if is_unified else None
+    text = model.text_flow.clean(prompt_ids) if is_unified else None
+    noise = jax.random.normal(k_t2v, video.shape, jnp.float32)
+    out = {"t2v": uvigu_pipeline.t2v_latents(model, noise, sigmas, context, null, s.guidance_scale, text, text_mask,
+                                             solver=s.solver)}
     if not is_unified:
         return out
     text_len = prompt_ids.shape[1]
-    flow_kw = dict(num_steps=s.num_steps, shift=s.shift, solver=s.solver,
-                   text_mask=jnp.ones((video.shape[0], text_len), bool) if c.data.loss_on_padding else None)
     # V2T captions from the video alone: the null context, never the prompt (which would let it copy).
-    out["v2t"] = sampling.sample_v2t(velocity, k_v2t, video, model.text_flow, text_len, jnp.zeros_like(context),
-                                     **flow_kw)
-    out["joint_video"], out["joint_text"] = sampling.sample_joint(
-        velocity, k_joint, video.shape, model.text_flow, text_len, context, null_context=jnp.zeros_like(context),
-        guidance_scale=s.guidance_scale, **flow_kw)
+    out["v2t"] = uvigu_pipeline.v2t_ids(model, k_v2t, video, null, sigmas, text_len, solver=s.solver)
+    out["joint_video"], out["joint_text"] = uvigu_pipeline.joint_sample(
+        model, k_joint, video.shape, sigmas, context, null, s.guidance_scale, text_len, solver=s.solver)
     return out
 
 

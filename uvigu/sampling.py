@@ -63,6 +63,28 @@ def wan_shifted_sigmas(
     return jnp.concatenate([shift_sigma(base, shift), jnp.zeros((1,), jnp.float32)])
 
 
+def linear_shifted_sigmas(
+    num_steps: int, shift: float, num_train_timesteps: int = WAN_NUM_TRAIN_TIMESTEPS
+) -> Float[Array, "N+1"]:
+    """The grid of diffusers' UniPCMultistepScheduler(use_flow_sigmas=True) and of Wan's own scheduler:
+    σ = shift(linspace(1, 1/num_train_timesteps, N + 1)[:-1]), then a terminal 0 (one shift, unlike
+    `wan_shifted_sigmas`). Computed in float64 on the host, as diffusers does, then float32."""
+    base = np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)[:-1]
+    shifted = shift * base / (1.0 + (shift - 1.0) * base)
+    return jnp.asarray(np.concatenate([shifted, [0.0]]), jnp.float32)
+
+
+SCHEDULE_OF_SOLVER = {"unipc": linear_shifted_sigmas, "euler": wan_shifted_sigmas}
+
+
+def schedule(solver: Solver, num_steps: int, shift: float) -> Float[Array, "N+1"]:
+    """The σ grid diffusers' scheduler of that solver uses for Wan (UniPC: `linear_shifted_sigmas`; FlowMatch Euler:
+    `wan_shifted_sigmas`)."""
+    if solver not in SCHEDULE_OF_SOLVER:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SCHEDULE_OF_SOLVER)}")
+    return SCHEDULE_OF_SOLVER[solver](num_steps, shift)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Gaussian solvers as precomputed linear multistep weights.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -268,12 +290,18 @@ def sample_t2v(
     shift: float | Float[Array, ""] = 5.0,
     solver: Solver = "unipc",
     text_mask: Float[Array, "B S"] | None = None,
+    *,
+    sigmas: Float[Array, "N+1"] | None = None,
+    noise: Float[Array, "B T H W C"] | None = None,
 ) -> Float[Array, "B T H W C"]:
     """Text -> video: the prompt's text is held clean (τ_t = 1, as the released code feeds it), the video latents are
     integrated from N(0, I) along Wan's shifted schedule. CFG on the video velocity when `null_context` is given
-    (None = conditional only). Defaults are Wan's (50 steps, shift 5, guide 5); the released code uses 100/3/5."""
+    (None = conditional only). Defaults are Wan's (50 steps, shift 5, guide 5); the released code uses 100/3/5.
+    `sigmas` replaces the grid `wan_shifted_sigmas(num_steps, shift)` (e.g. `schedule("unipc", ...)`); `noise`, the
+    initial latents (else drawn from `key`)."""
     batch = video_shape[0]
-    noise = jax.random.normal(key, video_shape, jnp.float32)
+    if noise is None:
+        noise = jax.random.normal(key, video_shape, jnp.float32)
     clean = jnp.ones((batch,), jnp.float32)
 
     def evaluate(video, _ids, tau):
@@ -282,7 +310,8 @@ def sample_t2v(
         )
         return v_video, None
 
-    video, _ = _solve(evaluate, noise, wan_shifted_sigmas(num_steps, shift), solver)
+    grid = wan_shifted_sigmas(num_steps, shift) if sigmas is None else sigmas
+    video, _ = _solve(evaluate, noise, grid, solver)
     return video
 
 
@@ -298,6 +327,7 @@ def sample_v2t(
     shift: float | Float[Array, ""] = 5.0,
     solver: Solver = "unipc",
     text_mask: Float[Array, "B S"] | None = None,
+    sigmas: Float[Array, "N+1"] | None = None,
 ) -> Int[Array, "B S"]:
     """Video -> text: the video is held clean (τ_v = 1) and `text_len` tokens are generated from the flow's source,
     on τ = 1 − `wan_shifted_sigmas(num_steps, shift)`. Gaussian text is integrated with `solver`; discrete text moves
@@ -305,7 +335,7 @@ def sample_v2t(
     batch = video.shape[0]
     key_text, key_loop = jax.random.split(key)
     clean = jnp.ones((batch,), jnp.float32)
-    sigmas = wan_shifted_sigmas(num_steps, shift)
+    sigmas = wan_shifted_sigmas(num_steps, shift) if sigmas is None else sigmas
     start = text_flow.source(key_text, batch, text_len)
 
     def evaluate(text, ids, tau):
@@ -334,6 +364,8 @@ def sample_joint(
     shift: float | Float[Array, ""] = 5.0,
     solver: Solver = "unipc",
     text_mask: Float[Array, "B S"] | None = None,
+    sigmas: Float[Array, "N+1"] | None = None,
+    noise: Float[Array, "B T H W C"] | None = None,
 ) -> tuple[Float[Array, "B T H W C"], Int[Array, "B S"]]:
     """Joint generation: video and text both start from their sources and move together on ONE τ grid
     (τ_v = τ_t at every call), one model call per step. The video always uses `solver`; Gaussian text joins the
@@ -341,8 +373,8 @@ def sample_joint(
     is given, applies to the video velocity only. Returns (video latents, text ids)."""
     batch = video_shape[0]
     key_video, key_text, key_loop = jax.random.split(key, 3)
-    video_noise = jax.random.normal(key_video, video_shape, jnp.float32)
-    sigmas = wan_shifted_sigmas(num_steps, shift)
+    video_noise = jax.random.normal(key_video, video_shape, jnp.float32) if noise is None else noise
+    sigmas = wan_shifted_sigmas(num_steps, shift) if sigmas is None else sigmas
     start = text_flow.source(key_text, batch, text_len)
 
     def call(video, text, tau):

@@ -1,0 +1,135 @@
+"""Whole-release conversion: every part of a Wan2.1 release into one DST that `uvigu.pipeline.load(DST)` opens.
+
+    DST/dit/         the DiT            (`conversion.convert`)
+    DST/vae/         the video VAE      (`vae_part`)
+    DST/umt5/        the prompt encoder (`umt5_part`)
+    DST/tokenizer/   its tokenizer      (`tokenizer_part`)
+    DST/pipeline.json  the scheduler's defaults (solver, shift) and the sampling defaults  (`scheduler` part)
+
+Which parts: `parts=None` converts every part of a release. A diffusers pipeline folder (model_index.json) or an
+original release folder holding any part besides the DiT is a release, and a part it lacks is an error naming it;
+a lone transformer folder (or an original folder with only the DiT) converts the DiT alone and says what is
+missing for the pipeline. `parts=("dit", "vae")` converts that subset on purpose; a requested part that is absent
+is an error. Every part is checked and written into its own staged folder, so a failure leaves no part of DST that
+looks valid; parts written before a later part failed are complete and loadable on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tools.convert_wan_weights import conversion, tokenizer_part, umt5_part, vae_part
+from tools.convert_wan_weights.conversion import ConversionError
+
+PARTS = ("dit", "vae", "umt5", "tokenizer", "scheduler")
+PIPELINE_FILE = "pipeline.json"
+PIPELINE_FORMAT_VERSION = 1
+
+# What Wan2.1's own generate script uses for text-to-video (the original release ships no scheduler config).
+ORIGINAL_SCHEDULER = {"solver": "unipc", "shift": 5.0}
+SAMPLING_DEFAULTS = {"height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 50, "guidance_scale": 5.0,
+                     "fps": 16, "negative_prompt": ""}
+
+
+def _locate_scheduler(src: Path) -> dict[str, Any] | None:
+    """The scheduler defaults of SRC: diffusers' `scheduler/scheduler_config.json`, or Wan's own values for an
+    original release; None when SRC is neither (a lone transformer folder)."""
+    path = src / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{path}: not valid JSON ({e})") from None
+        cls = raw.get("_class_name")
+        if cls == "UniPCMultistepScheduler":
+            if raw.get("prediction_type") != "flow_prediction" or not raw.get("use_flow_sigmas"):
+                raise ConversionError(f"{path}: a UniPC scheduler without flow sigmas / flow_prediction is not Wan's")
+            return {"solver": "unipc", "shift": float(raw.get("flow_shift", 1.0)), "source": str(path)}
+        if cls == "FlowMatchEulerDiscreteScheduler":
+            return {"solver": "euler", "shift": float(raw.get("shift", 1.0)), "source": str(path)}
+        raise ConversionError(f"{path}: scheduler {cls!r} is not supported (UniPCMultistepScheduler with flow "
+                              "sigmas, or FlowMatchEulerDiscreteScheduler)")
+    if (src / "model_index.json").is_file():
+        return None
+    if vae_part.locate(src) or umt5_part.locate(src):  # an original release
+        return {**ORIGINAL_SCHEDULER, "source": "Wan2.1 defaults (the original release has no scheduler config)"}
+    return None
+
+
+def _is_release(src: Path, found: dict[str, Any]) -> bool:
+    return (src / "model_index.json").is_file() or any(found[p] for p in ("vae", "umt5", "tokenizer"))
+
+
+def convert_release(src: str | Path, dst: str | Path, *, parts: tuple[str, ...] | None = None, dtype: str = "keep",
+                    overwrite: bool = False, log=print) -> dict[str, Any]:
+    """Converts the parts of `src` into `dst`; returns {part: its summary text}. Raises a ValueError naming the
+    missing part / file / key on bad input (see the module docstring for which parts)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such file or folder" if not src.exists() else
+                              f"{src}: is a file; SRC must be a release or checkpoint folder")
+    unknown = sorted(set(parts or ()) - set(PARTS))
+    if unknown:
+        raise ConversionError(f"unknown part(s) {unknown}; parts are {','.join(PARTS)}")
+    found = {"dit": True, "vae": vae_part.locate(src), "umt5": umt5_part.locate(src),
+             "tokenizer": tokenizer_part.locate(src), "scheduler": _locate_scheduler(src)}
+    if parts is None:
+        missing = [p for p in PARTS if not found[p]]
+        if _is_release(src, found):
+            if missing:
+                raise ConversionError(
+                    f"{src}: this release lacks {', '.join(missing)} ({_where(missing)}); convert a subset on purpose "
+                    f"with --parts {','.join(p for p in PARTS if p not in missing)}")
+            parts = PARTS
+        else:
+            parts = ("dit",)
+            log(f"note: {src} holds only a DiT; DST will lack {', '.join(missing)} (needed by uvigu.pipeline, not by "
+                "training)")
+    else:
+        missing = [p for p in parts if not found[p]]
+        if missing:
+            raise ConversionError(f"{src}: requested part(s) {', '.join(missing)} not found ({_where(missing)})")
+    existing = [dst / _output_name(p) for p in parts if (dst / _output_name(p)).exists()]
+    if existing and not overwrite:
+        raise ConversionError(f"{', '.join(map(str, existing))} already exists; pass --overwrite to replace it")
+
+    summaries = {}
+    for part in parts:
+        if part == "dit":
+            result = conversion.convert(src, dst, dtype=dtype, overwrite=overwrite, log=log)
+            summaries[part] = conversion.summary(result)
+        elif part == "scheduler":
+            summaries[part] = _write_pipeline_file(dst / PIPELINE_FILE, found["scheduler"])
+        else:
+            module = {"vae": vae_part, "umt5": umt5_part, "tokenizer": tokenizer_part}[part]
+            result = module.convert(found[part], dst / part, dtype=dtype, overwrite=overwrite)
+            summaries[part] = module.summary(result)
+        log(summaries[part])
+    return summaries
+
+
+def _output_name(part: str) -> str:
+    return PIPELINE_FILE if part == "scheduler" else part
+
+
+def _where(parts: list[str]) -> str:
+    looked = {"vae": f"{vae_part.DIFFUSERS_FOLDER}/ or {vae_part.ORIGINAL_FILE}",
+              "umt5": f"{umt5_part.DIFFUSERS_FOLDER}/ or {umt5_part.ORIGINAL_FILE}",
+              "tokenizer": "tokenizer/ or google/umt5-xxl/", "scheduler": "scheduler/scheduler_config.json",
+              "dit": "transformer/ or config.json + diffusion_pytorch_model*.safetensors"}
+    return "; ".join(f"{p}: looked for {looked[p]}" for p in parts)
+
+
+def _write_pipeline_file(path: Path, scheduler: dict[str, Any]) -> str:
+    """DST/pipeline.json: the scheduler's solver and shift and the sampling defaults, written atomically."""
+    meta = {"format_version": PIPELINE_FORMAT_VERSION, "scheduler": scheduler, "defaults": dict(SAMPLING_DEFAULTS)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(path)
+    return f"scheduler: {scheduler['solver']}, shift {scheduler['shift']} ({scheduler['source']}) -> {path}"
+
+
+__all__ = ["PARTS", "PIPELINE_FILE", "convert_release"]
