@@ -310,6 +310,11 @@ def test_stage2_two_steps_from_stage1_workdir(chain, flow):
     s1, s2 = chain.stage1(flow)["result"]["batches"][0], result["batches"][0]
     np.testing.assert_array_equal(s2["latents"], s1["latents"])
     assert not np.array_equal(s2["text_ids"], s1["text_ids"])
+    # The stage ends by exporting a UniViGU model folder holding its final params.
+    exported = checkpoint.load_pretrained(result["export"])
+    assert type(exported).__name__ == "UniViGU" and result["export"].endswith("export/univigu")
+    assert exported.config.text_flow == flow
+    assert_params_equal(model_params(exported), checkpoint_state(workdir)["params"], "export vs last checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Stages (`config.stage`):
                 exported at the end as a Wan model folder (`WORKDIR/export/dit`).
   stage1        UniViGU, target text = the prompt (Knowledge Recall), init from a Wan model folder.
   stage2        UniViGU, target text = the detailed caption (Capability Refinement), init from a stage-1 workdir.
+                Both export a UniViGU model folder at the end (`WORKDIR/export/univigu`).
 
 A workdir holds `run_config.json` (the model it trains: a resumed run must match it), `checkpoints/` (Orbax:
 params, optimiser state, RNG, step and the grain iterator), TensorBoard events, `eval/` (JSON per evaluation) and
@@ -380,10 +381,13 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     result: dict[str, Any] = {"step": step, "history": history, "stopped_early": stop["requested"],
                               "seconds": time.perf_counter() - t_start}
     if not stop["requested"]:
-        if c.stage == "pretrain_t2v" and jax.process_index() == 0:
-            export = checkpoint.save_pretrained(workdir_path / "export" / "dit", model, overwrite=True,
-                                             source={"kind": "uvigu pretrain_t2v", "workdir": str(workdir_path),
-                                                     "step": step})
+        if jax.process_index() == 0:
+            # The stage's model as a model folder: a Wan DiT after pretraining, a UniViGU after stages 1 and 2
+            # (`checkpoint.load_pretrained(WORKDIR/export)` gives it back).
+            sub = checkpoint.kind_of(model).subfolder
+            export = checkpoint.save_pretrained(workdir_path / "export" / sub, model, overwrite=True,
+                                                source={"kind": f"uvigu {c.stage}", "workdir": str(workdir_path),
+                                                        "step": step})
             result["export"] = str(export)
         if c.eval_examples:
             result["eval"] = run_evaluation(c, model, data, writer, step, workdir_path)
