@@ -208,3 +208,30 @@ def test_caption_and_joint_on_a_univigu_folder(folders, tmp_path, capsys):
     video, captions = pipe.joint(PROMPTS[0], seed=4)
     assert out.with_suffix(".txt").read_text().strip() == captions[0].strip()
     assert len(read_video(out, fps=16)) == FRAMES and video.shape == (1, FRAMES, SIZE, SIZE, 3)
+
+
+def test_converted_vae_folder_encodes_and_decodes_like_diffusers(release):
+    """`load_pretrained(DST/vae)` is a WanVAE whose encode / decode are diffusers' with the pipeline's latent
+    normalisation: (μ − mean) / std, and decode(z · std + mean) clamped."""
+    import jax.numpy as jnp
+
+    from uvigu.models.wan_vae import WanVAE
+
+    pipe, dst = release
+    vae = checkpoint.load_pretrained(dst / "vae")
+    assert isinstance(vae, WanVAE) and vae.latent_shape(FRAMES, SIZE, SIZE) == tr.latent_shape(pipe, FRAMES, SIZE,
+                                                                                                 SIZE)
+    video = np.random.default_rng(1).uniform(-1, 1, (1, FRAMES, SIZE, SIZE, 3)).astype(np.float32)
+    mean = np.asarray(pipe.vae.config.latents_mean, np.float32)
+    std = np.asarray(pipe.vae.config.latents_std, np.float32)
+    with torch.no_grad():
+        mu = pipe.vae.encode(torch.from_numpy(np.moveaxis(video, -1, 1))).latent_dist.mean.numpy()
+    want_z = (np.moveaxis(mu, 1, -1) - mean) / std
+    z = np.asarray(vae.encode(jnp.asarray(video)))
+    assert rel_err(z, want_z) < 1e-5
+    with torch.no_grad():
+        raw = torch.from_numpy(np.moveaxis(want_z * std + mean, -1, 1).copy())
+        want_video = np.moveaxis(pipe.vae.decode(raw).sample.clamp(-1, 1).numpy(), 1, -1)
+    assert rel_err(np.asarray(vae.decode(jnp.asarray(want_z))), want_video) < 1e-5
+    bf16 = checkpoint.load_pretrained(dst / "vae", dtype=jnp.bfloat16)
+    assert bf16.config.dtype == "bfloat16" and rel_err(np.asarray(bf16.encode(jnp.asarray(video))), want_z) < 5e-2
