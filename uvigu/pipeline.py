@@ -76,7 +76,8 @@ def default_dtype() -> str:
 
 def load(path: str | Path, *, dtype=None, mesh: Mesh | None = None) -> "Pipeline":
     """The pipeline of a converted / exported folder. `dtype`: compute dtype of the DiT (None: `default_dtype()`);
-    `mesh`: restore the denoiser straight into its shards on that mesh (the VAE and umT5 stay replicated)."""
+    `mesh`: restore every part straight into its shards on that mesh (the logical-axis rules decide; the VAE's
+    params carry no axes and stay replicated) and run every call under it."""
     root = Path(path)
     if not root.is_dir():
         raise PipelineError(f"{root}: no such model folder")
@@ -94,21 +95,22 @@ def load(path: str | Path, *, dtype=None, mesh: Mesh | None = None) -> "Pipeline
             raise PipelineError(f"{root}: {sub}/ is missing ({part}); convert it with --parts {sub}")
     compute = checkpoint._dtype_name(dtype) if dtype is not None else default_dtype()
     model = checkpoint.load_pretrained(root, mesh=mesh, dtype=compute)
-    vae = checkpoint.load_pretrained(root, kind=checkpoint.WAN_VAE)
-    encoder = checkpoint.load_pretrained(root, kind=checkpoint.UMT5_ENCODER)
+    vae = checkpoint.load_pretrained(root, mesh=mesh, kind=checkpoint.WAN_VAE)
+    encoder = checkpoint.load_pretrained(root, mesh=mesh, kind=checkpoint.UMT5_ENCODER)
     tokenizer = UMT5Tokenizer.load(root / "tokenizer")
     fields = {f.name for f in dataclasses.fields(SamplingDefaults)}
     merged = {**{k: v for k, v in defaults.items() if k in fields}, "shift": float(scheduler["shift"]),
               "solver": scheduler["solver"]}
-    return Pipeline(model, vae, encoder, tokenizer, SamplingDefaults(**merged), source=root)
+    return Pipeline(model, vae, encoder, tokenizer, SamplingDefaults(**merged), source=root, mesh=mesh)
 
 
 class Pipeline:
     """A denoiser (`WanDiT` or `UniViGU`), its VAE (the codec), umT5 and tokenizer, and the sampling defaults."""
 
     def __init__(self, model: nnx.Module, vae: nnx.Module, encoder: nnx.Module, tokenizer, defaults: SamplingDefaults,
-                 *, source: Path | None = None):
+                 *, source: Path | None = None, mesh: Mesh | None = None):
         self.model, self.vae, self.encoder, self.tokenizer = model, vae, encoder, tokenizer
+        self.mesh = mesh
         self.defaults = defaults
         self.source = source
         self.kind = "univigu" if isinstance(model, UniViGU) else "wan"
@@ -118,7 +120,8 @@ class Pipeline:
     def with_model(self, model: nnx.Module) -> "Pipeline":
         """The same VAE, umT5, tokenizer and defaults around another denoiser (e.g. a UniViGU trained from this
         folder's DiT)."""
-        return Pipeline(model, self.vae, self.encoder, self.tokenizer, self.defaults, source=self.source)
+        return Pipeline(model, self.vae, self.encoder, self.tokenizer, self.defaults, source=self.source,
+                        mesh=self.mesh)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Writes every part as a folder `load` opens: the denoiser (`univigu/` or `dit/`), `vae/`, `umt5/`,
@@ -283,10 +286,21 @@ class Pipeline:
         return np.asarray(video, np.float32)
 
     def _jit(self, key, fn, *static) -> Callable:
-        """`fn(*static, module, *arrays)` jitted once per key (shapes recompile as jit does)."""
+        """`fn(*static, module, *arrays)` jitted once per key (shapes recompile as jit does). On a mesh the arrays
+        are placed replicated next to the sharded params and the call runs under that mesh."""
         if key not in self._compiled:
             self._compiled[key] = nnx.jit(lambda *args: fn(*static, *args))
-        return self._compiled[key]
+        compiled, mesh = self._compiled[key], self.mesh
+        if mesh is None:
+            return compiled
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def on_mesh(module, *arrays):
+            arrays = jax.tree.map(lambda a: jax.device_put(a, replicated), arrays)
+            with jax.set_mesh(mesh):
+                return compiled(module, *arrays)
+
+        return on_mesh
 
     @contextlib.contextmanager
     def _reporting(self, progress: Progress | None, total: int):
@@ -349,7 +363,7 @@ def _counting(velocity: sampling.VelocityFn, report: bool) -> sampling.VelocityF
 
     def counted(*args):
         out = velocity(*args)
-        jax.debug.callback(_tick, ordered=True)
+        jax.debug.callback(_tick)  # unordered: ordered effects are single-device only; ticks are just counted
         return out
 
     return counted
