@@ -64,7 +64,7 @@ def test_t2v_equals_diffusers_wan_pipeline(release):
 def test_bad_requests(release):
     _, dst = release
     ours = uvigu_pipeline.load(dst)
-    with pytest.raises(uvigu_pipeline.PipelineError, match=r"num_frames=6 is not 4k\+1 \(nearest valid: 5\)"):
+    with pytest.raises(uvigu_pipeline.PipelineError, match=r"frames=6 is not 4n\+1 \(nearest valid: 5\)"):
         ours.t2v("x", num_frames=6, height=SIZE, width=SIZE)
     with pytest.raises(uvigu_pipeline.PipelineError, match=r"height=40 is not a positive multiple of 16"):
         ours.t2v("x", num_frames=5, height=40, width=SIZE)

@@ -41,6 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from uvigu import checkpoint, flow, sampling
+from uvigu.data import video as video_io
 from uvigu.data.umt5_tokenizer import UMT5Tokenizer, clean_prompt
 from uvigu.models.umt5 import wan_context
 from uvigu.models.univigu import UniViGU
@@ -147,20 +148,29 @@ class Pipeline:
     # -- checks ------------------------------------------------------------------------------------------------------
 
     def check_video_size(self, num_frames: int, height: int, width: int) -> None:
-        """ValueError naming the nearest valid values: frames must be 1 + 4k (the VAE's time stride) and height and
+        """PipelineError naming the nearest valid values: frames must be 1 + 4k (the VAE's time stride) and height and
         width multiples of 16 (VAE stride 8 × patch 2)."""
         t_stride, s_stride, _ = self.vae.stride
-        spatial = s_stride * self.dit.config.patch_size[1]
-        problems = []
-        if num_frames < 1 or (num_frames - 1) % t_stride:
-            k = max(round((num_frames - 1) / t_stride), 0)
-            problems.append(f"num_frames={num_frames} is not {t_stride}k+1 (nearest valid: {1 + t_stride * k})")
-        for name, value in (("height", height), ("width", width)):
-            if value < spatial or value % spatial:
-                problems.append(f"{name}={value} is not a positive multiple of {spatial} (nearest valid: "
-                                f"{max(spatial, round(value / spatial) * spatial)})")
-        if problems:
-            raise PipelineError("; ".join(problems))
+        try:
+            video_io.check_video_size(num_frames, height, width, spatial=s_stride * self.dit.config.patch_size[1],
+                                      temporal=t_stride)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+
+    def _generation_settings(self, prompt, height, width, num_frames, num_inference_steps, guidance_scale, shift,
+                             solver) -> tuple[list[str], dict[str, Any]]:
+        """The prompts as a list and every unset generation argument from the folder's defaults, checked."""
+        d = self.defaults
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        settings = dict(height=height or d.height, width=width or d.width, num_frames=num_frames or d.num_frames,
+                        steps=num_inference_steps or d.num_inference_steps,
+                        guidance=d.guidance_scale if guidance_scale is None else guidance_scale,
+                        solver=solver or d.solver, shift=d.shift if shift is None else shift)
+        self.check_video_size(settings["num_frames"], settings["height"], settings["width"])
+        settings["latent_shape"] = (len(prompts), *self.vae.latent_shape(settings["num_frames"], settings["height"],
+                                                                         settings["width"]))
+        settings["sigmas"] = sampling.schedule(settings["solver"], settings["steps"], settings["shift"])
+        return prompts, settings
 
     def _need_unified(self, what: str) -> UniViGU:
         if not isinstance(self.model, UniViGU):
@@ -188,23 +198,16 @@ class Pipeline:
             seed: int = 0, latents=None, progress: Progress | None = None) -> np.ndarray:
         """Text -> video frames [B, F, H, W, 3] float32 in [0, 1]. `latents`: normalised initial latents
         [B, T, h, w, C] (channels last), else N(0, I) from `seed`. Unset arguments take the folder's defaults."""
-        d = self.defaults
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height, width = height or d.height, width or d.width
-        num_frames, steps = num_frames or d.num_frames, num_inference_steps or d.num_inference_steps
-        guidance = d.guidance_scale if guidance_scale is None else guidance_scale
-        solver, shift = solver or d.solver, d.shift if shift is None else shift
-        self.check_video_size(num_frames, height, width)
-        shape = (len(prompts), *self.vae.latent_shape(num_frames, height, width))
-        noise = self._initial_latents(latents, shape, seed)
+        prompts, s = self._generation_settings(prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+                                               shift, solver)
+        noise = self._initial_latents(latents, s["latent_shape"], seed)
         context = self.encode_prompt(prompts)
-        null = self.encode_prompt([d.negative_prompt if negative_prompt is None else negative_prompt] * len(prompts)) \
-            if guidance > 1.0 else None
+        negative = self.defaults.negative_prompt if negative_prompt is None else negative_prompt
+        null = self.encode_prompt([negative] * len(prompts)) if s["guidance"] > 1.0 else None
         text, text_mask = self._prompt_text(prompts)
-        sigmas = sampling.schedule(solver, steps, shift)
-        run = self._jit(("t2v", solver, null is None), _t2v, solver)
-        with self._reporting(progress, steps):
-            z = run(self.model, noise, sigmas, context, null, jnp.float32(guidance), text, text_mask)
+        run = self._jit(("t2v", s["solver"], null is None), _t2v, s["solver"])
+        with self._reporting(progress, s["steps"]):
+            z = run(self.model, noise, s["sigmas"], context, null, jnp.float32(s["guidance"]), text, text_mask)
         return self._frames(z)
 
     def caption(self, video, *, num_inference_steps: int | None = None, seed: int = 0,
@@ -230,22 +233,15 @@ class Pipeline:
               seed: int = 0, progress: Progress | None = None) -> tuple[np.ndarray, list[str]]:
         """Video and caption generated together from the prompt: (frames [B, F, H, W, 3] in [0, 1], captions)."""
         model = self._need_unified("joint generation")
-        d = self.defaults
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height, width = height or d.height, width or d.width
-        num_frames, steps = num_frames or d.num_frames, num_inference_steps or d.num_inference_steps
-        guidance = d.guidance_scale if guidance_scale is None else guidance_scale
-        solver, shift = solver or d.solver, d.shift if shift is None else shift
-        self.check_video_size(num_frames, height, width)
-        shape = (len(prompts), *self.vae.latent_shape(num_frames, height, width))
+        prompts, s = self._generation_settings(prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+                                               shift, solver)
         context = self.encode_prompt(prompts)
-        null = self.encode_prompt([d.negative_prompt] * len(prompts)) if guidance > 1.0 else None
-        sigmas = sampling.schedule(solver, steps, shift)
+        null = self.encode_prompt([self.defaults.negative_prompt] * len(prompts)) if s["guidance"] > 1.0 else None
         text_len = model.config.max_text_len
-        run = self._jit(("joint", solver, null is None, text_len), _joint, solver, text_len)
-        with self._reporting(progress, steps):
-            z, ids = run(model, jax.random.key(seed), self._initial_latents(None, shape, seed), sigmas, context, null,
-                         jnp.float32(guidance))
+        run = self._jit(("joint", s["solver"], null is None, text_len), _joint, s["solver"], text_len)
+        with self._reporting(progress, s["steps"]):
+            z, ids = run(model, jax.random.key(seed), self._initial_latents(None, s["latent_shape"], seed), s["sigmas"],
+                         context, null, jnp.float32(s["guidance"]))
         return self._frames(z), self.tokenizer.decode(np.asarray(ids))
 
     # -- pieces ------------------------------------------------------------------------------------------------------
@@ -269,10 +265,9 @@ class Pipeline:
     def _read_frames(self, video) -> np.ndarray:
         """[B, F, H, W, 3] float32 in [0, 1] from a path or frames."""
         if isinstance(video, (str, Path)):
-            from uvigu.data.video import read_video
-
             d = self.defaults
-            frames = read_video(video, fps=d.fps, num_frames=d.num_frames, height=d.height, width=d.width)[None]
+            frames = video_io.read_video(video, fps=d.fps, num_frames=d.num_frames, height=d.height,
+                                         width=d.width)[None]
         else:
             frames = np.asarray(video)
         if frames.ndim != 5 or frames.shape[-1] != 3:
