@@ -165,6 +165,7 @@ def save_pretrained(path: str | Path, model: nnx.Module, *, source: Mapping[str,
                     overwrite: bool = False) -> Path:
     """Writes `model`'s params and config to the model folder `path` (e.g. `DST/dit`), layer stacks stacked.
 
+    Multi-process: every process calls it with its shards of the same model (Orbax writes each process's part).
     A looped model (`scan_layers=False`) is stacked on the host first, which holds one extra copy of the blocks.
     """
     kind, config = kind_of(model), model_config(model)
@@ -194,7 +195,8 @@ def save_params(path: str | Path, kind: str, config, params: Mapping[str, Any], 
     with staged_folder(Path(path), overwrite) as staging:
         with _params_writer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, args=ocp.args.PyTreeSave(_nest(params)))
-        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        if jax.process_index() == 0:
+            (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
     return Path(path)
 
 
@@ -217,25 +219,53 @@ def _params_writer() -> ocp.Checkpointer:
 @contextlib.contextmanager
 def staged_folder(final: Path, overwrite: bool) -> Iterator[Path]:
     """Yields an empty hidden sibling of `final` to write into; renames it to `final` when the block succeeds, removes
-    it when the block raises (an existing `final` is then left as it was)."""
+    it when the block raises (an existing `final` is then left as it was).
+
+    Multi-process (every process calls it, e.g. around a sharded Orbax save): the staging name comes from process 0,
+    process 0 alone creates, renames and removes, and the processes meet before and after the writes."""
     final = Path(final).absolute()
     if final.exists() and not overwrite:
         raise CheckpointError(f"{final} already exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    primary = jax.process_index() == 0
+    staging = final.parent / f".{final.name}.partial-{_shared_token()}"
+    if primary:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    _barrier(f"staged:{staging.name}:created")
     try:
         yield staging
-        if final.exists():
-            retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(retired)
-            staging.rename(final)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(final)
+        _barrier(f"staged:{staging.name}:written")
+        if primary:
+            if final.exists():
+                retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+                final.rename(retired)
+                staging.rename(final)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(final)
+        _barrier(f"staged:{staging.name}:renamed")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _shared_token() -> str:
+    """A random hex token, the same in every process (process 0's)."""
+    token = uuid.uuid4().hex[:8]
+    if jax.process_count() == 1:
+        return token
+    from jax.experimental import multihost_utils
+
+    value = multihost_utils.broadcast_one_to_all(np.frombuffer(bytes.fromhex(token), np.uint8))
+    return bytes(np.asarray(value, np.uint8)).hex()
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _json_default(value):

@@ -265,8 +265,8 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     if run_file.exists():
         _check_same_model(json.loads(run_file.read_text())["model"], description, workdir_path)
     elif jax.process_index() == 0:
-        run_file.write_text(json.dumps({"model": description, "config": json.loads(c.to_json_best_effort())},
-                                       indent=2) + "\n")
+        _write_atomically(run_file, json.dumps({"model": description, "config": json.loads(c.to_json_best_effort())},
+                                               indent=2) + "\n")
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     cleanup.callback(signal.signal, signal.SIGTERM, previous_handler)
@@ -310,8 +310,8 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
             # The RNG comes back as host data, uncommitted like a fresh run's key: committed to one device it could
             # not be used with a multi-device mesh.
             state=_restore_into({"params": _abstract(params), "opt": _abstract(opt_state),
-                                 "rng": np.asarray(jax.random.key_data(rng))}),
-            data=grain.checkpoint.CheckpointRestore(train_iter)))
+                                 "rng": np.asarray(jax.random.key_data(rng))})))
+        _restore_data_position(train_iter, workdir_path / "checkpoints" / str(latest) / "data", latest)
         _update_from_pure_dict(model, params, restored["state"]["params"])
         _update_from_pure_dict(optimizer, opt_state, restored["state"]["opt"])
         rng = jax.random.wrap_key_data(jnp.asarray(restored["state"]["rng"]))
@@ -319,8 +319,10 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
         logging.info("resumed from step %d", latest)
 
     def save(step: int, force: bool = False) -> None:
+        # The RNG key is the same on every process: saved as host numpy (a single-device jax.Array is "host local"
+        # and Orbax refuses it in a multi-process save).
         state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                 "opt": nnx.to_pure_dict(nnx.state(optimizer)), "rng": jax.random.key_data(rng)}
+                 "opt": nnx.to_pure_dict(nnx.state(optimizer)), "rng": np.asarray(jax.random.key_data(rng))}
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                 data=grain.checkpoint.CheckpointSave(train_iter)), force=force)
 
@@ -357,7 +359,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
         pending.append(metrics)
         for hook in hooks:
             hook(step)
-        if step % c.log_every == 0 or step == c.total_steps or stop["requested"]:
+        if step % c.log_every == 0 or step == c.total_steps or _any_process(stop["requested"]):
             rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
             pending.clear()
             history += rows
@@ -367,7 +369,8 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
                 raise FloatingPointError(f"non-finite loss or gradient norm at step {bad} (updates were skipped); "
                                          f"its metrics {rows[i]}")
             writer.write_scalars(step, {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]})
-        if stop["requested"]:
+        if _any_process(stop["requested"]):
+            stop["requested"] = True
             logging.warning("SIGTERM: saving step %d and stopping", step)
             save(step, force=True)
             break
@@ -381,18 +384,50 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     result: dict[str, Any] = {"step": step, "history": history, "stopped_early": stop["requested"],
                               "seconds": time.perf_counter() - t_start}
     if not stop["requested"]:
-        if jax.process_index() == 0:
-            # The stage's model as a model folder: a Wan DiT after pretraining, a UniViGU after stages 1 and 2
-            # (`checkpoint.load_pretrained(WORKDIR/export)` gives it back).
-            sub = checkpoint.kind_of(model).subfolder
-            export = checkpoint.save_pretrained(workdir_path / "export" / sub, model, overwrite=True,
-                                                source={"kind": f"uvigu {c.stage}", "workdir": str(workdir_path),
-                                                        "step": step})
-            result["export"] = str(export)
+        # The stage's model as a model folder: a Wan DiT after pretraining, a UniViGU after stages 1 and 2
+        # (`checkpoint.load_pretrained(WORKDIR/export)` gives it back). Every process writes its shards.
+        sub = checkpoint.kind_of(model).subfolder
+        export = checkpoint.save_pretrained(workdir_path / "export" / sub, model, overwrite=True,
+                                            source={"kind": f"uvigu {c.stage}", "workdir": str(workdir_path),
+                                                    "step": step})
+        result["export"] = str(export)
         if c.eval_examples:
             result["eval"] = run_evaluation(c, model, data, writer, step, workdir_path)
     writer.flush()
     return result
+
+
+def _restore_data_position(train_iter, folder: Path, step: int) -> None:
+    """Puts the data iterator where a run that has done `step` steps is. Each process saved its grain state
+    (`process_i-of-n.json`); the position is global (`pipeline.training_dataset`: batch s is the same global rows
+    whatever the process count), so a checkpoint written by another number of processes resumes at `next_index` =
+    `step`, and a saved state that disagrees with its step is an error, not a silent data skip."""
+    saved = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    state = {"next_index": step}
+    if saved.is_file():
+        state = json.loads(saved.read_text())
+        if state.get("next_index") != step:
+            raise TrainingError(f"{saved}: data position {state} does not match checkpoint step {step}")
+    else:
+        logging.info("data iterator: no %s (written by another process count); resuming at batch %d", saved.name,
+                     step)
+    train_iter.set_state(state)
+
+
+def _any_process(flag: bool) -> bool:
+    """True when `flag` is set on any process (a SIGTERM reaching one host stops every host at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to a temporary sibling, then renames it over `path`: a reader never sees half a file."""
+    tmp = path.parent / f".{path.name}.partial"
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def run_evaluation(c, model, data, writer, step: int, workdir: Path) -> dict[str, Any]:
@@ -404,5 +439,5 @@ def run_evaluation(c, model, data, writer, step: int, workdir: Path) -> dict[str
     writer.write_scalars(step, evaluate.flat_scalars(report))
     if jax.process_index() == 0:
         (workdir / "eval").mkdir(exist_ok=True)
-        (workdir / "eval" / f"step_{step}.json").write_text(json.dumps(report, indent=2) + "\n")
+        _write_atomically(workdir / "eval" / f"step_{step}.json", json.dumps(report, indent=2) + "\n")
     return report

@@ -69,8 +69,11 @@ def training_dataset(
 ) -> grain.IterDataset:
     """An endless stream of this process's share of each global batch.
 
-    Order: shuffle with `seed` (reshuffled every epoch), repeat, take every `process_count`-th example starting at
-    `process_index` (each host reads a disjoint slice), batch `global_batch_size / process_count` per host.
+    Order: shuffle with `seed` (reshuffled every epoch), repeat; global batch s is examples [s·B, (s + 1)·B) of that
+    stream, and this process reads only its rows of it, the contiguous block [p·b, (p + 1)·b) with b = B / P, which is
+    what its devices hold of the global array (`to_global`: the batch axis sharded over the mesh's process-major
+    device order). So every process reads a disjoint slice, and the global batch (its rows, their order, hence every
+    per-row random draw) is the same whatever the process count.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -78,10 +81,17 @@ def training_dataset(
         raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
     if len(source) == 0:
         raise ValueError("the training source has no examples")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count]
+    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    local = global_batch_size // process_count
+    offset = process_index * local
+
+    def stream_index(i: int) -> int:
+        step, row = divmod(i, local)
+        return step * global_batch_size + offset + row
+
+    ds = grain.MapDataset.range(len(stream) // global_batch_size * local).map(lambda i: stream[stream_index(i)])
     ds = ds.map(SelectTrainingFields(target, loss_on_padding))
-    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    ds = ds.batch(local, drop_remainder=True)
     return ds.to_iter_dataset()
 
 
