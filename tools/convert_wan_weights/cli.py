@@ -1,8 +1,10 @@
 """Command line of the converter: arguments, the summaries, and exit codes (0 converted, 2 bad input).
 
 Bad input is anything about the source or destination the user can fix (an unrecognised folder, a missing part, a
-key mismatch, a truncated shard, an existing DST part): a one-paragraph message on stderr, no traceback. Anything
-else is a bug and keeps its traceback (exit 1). Either way no DST part that looks valid is left half-written.
+key mismatch, a truncated shard, a corrupt or absurdly nested JSON file, NaN / Inf tensors, an existing DST part, a
+DST another conversion is writing): a one-paragraph message on stderr naming the file, no traceback. Anything else is
+a bug and keeps its traceback (exit 1). Either way no DST part that looks valid is left half-written: parts are
+staged in hidden folders and published only when every part converted (`staging`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default=None,
                    help="comma-separated subset of dit,vae,umt5,tokenizer,scheduler (default: every part of a release; "
                         "a lone transformer folder: dit)")
+    p.add_argument("--allow_nonfinite", "--allow-nonfinite", action="store_true",
+                   help="convert tensors holding NaN / Inf as they are (default: refuse them, naming each)")
     return p
 
 
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = None if args.parts is None else tuple(p.strip() for p in args.parts.split(",") if p.strip())
     try:
-        convert_release(args.src, args.dst, parts=parts, dtype=args.dtype, overwrite=args.overwrite)
+        convert_release(args.src, args.dst, parts=parts, dtype=args.dtype, overwrite=args.overwrite,
+                        allow_nonfinite=args.allow_nonfinite)
     except (ValueError, OSError) as e:  # SourceError, ConversionError, SafetensorsError, CheckpointError, IO
         print(f"convert_wan_weights: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

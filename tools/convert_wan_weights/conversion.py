@@ -9,7 +9,9 @@ file, no stacking of per-layer copies); `measure_peak_ram.py` checks this.
 Correctness: before any data is read, the source's keys and shapes are planned against the config: every target
 slot (param, layer) must be filled by exactly one source tensor of the expected shape. Missing keys, unexpected keys,
 two stored keys landing on one slot (e.g. a key with and without the `model.diffusion_model.` prefix) and mis-shaped
-tensors are all collected and reported together, naming keys, files and expected vs got shapes.
+tensors are all collected and reported together, naming keys, files and expected vs got shapes. Every slot is checked
+for NaN / Inf after its copy (so an overflow in the cast counts too); such keys are refused together, by name,
+unless `allow_nonfinite`, which converts them and records them in config.json's "source" and the summary.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ _NAME_OF_OUTPUT_DTYPE = {v: k for k, v in _OUTPUT_DTYPES.items()}
 
 class ConversionError(ValueError):
     """The source cannot be converted as it is; the message lists every problem found."""
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN / Inf in `array` (any numeric dtype, bfloat16 included; integers are always finite)."""
+    return bool(np.isfinite(array).all())
+
+
+def nonfinite_error(where: str, keys: list[str]) -> ConversionError:
+    """The refusal of tensors holding NaN / Inf: names them and the flag that converts them anyway."""
+    shown = ", ".join(keys[:20]) + (f", ... (+{len(keys) - 20} more)" if len(keys) > 20 else "")
+    return ConversionError(f"{where}: {len(keys)} tensor(s) hold NaN or Inf: {shown}. A broken download or a "
+                           "diverged checkpoint? Pass --allow_nonfinite to convert them anyway.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +81,7 @@ class ConversionResult:
     fill_counts: dict[str, list[int]]  # our param -> how many times each layer (or the one slot) was written
     seconds: float
     peak_rss_bytes: int
+    nonfinite_keys: list[str] = dataclasses.field(default_factory=list)  # converted anyway (allow_nonfinite)
 
 
 def plan_conversion(source: Source, config: WanConfig) -> Plan:
@@ -154,10 +169,14 @@ def main_dtype(dtypes: dict[str, np.dtype], shapes: dict[str, tuple[int, ...]]) 
     return count.most_common(1)[0][0]
 
 
-def fill_params(source: Source, plan: Plan, dtypes: dict[str, np.dtype]
-                ) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+def fill_params(source: Source, plan: Plan, dtypes: dict[str, np.dtype], *, allow_nonfinite: bool = False,
+                nonfinite: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
     """Allocates each target param once and copies every stored tensor into its slot (layout change and dtype cast
-    happen in the copy). Returns the params and how often each slot was written (all ones, or it raises)."""
+    happen in the copy). Returns the params and how often each slot was written (all ones, or it raises).
+
+    Every slot is checked for NaN / Inf after the copy (so a value the cast overflowed counts too); the stored keys
+    holding any are collected (into `nonfinite` when given) and refused together unless `allow_nonfinite`."""
+    nonfinite = [] if nonfinite is None else nonfinite
     params = {name: np.empty(shape, dtypes[name]) for name, shape in plan.param_shapes.items()}
     counts = {name: [0] * (plan.param_layers.get(name) or 1) for name in plan.param_shapes}
     for key, (dkey, slot) in plan.routes.items():
@@ -169,7 +188,11 @@ def fill_params(source: Source, plan: Plan, dtypes: dict[str, np.dtype]
         target[...] = ours
         del stored, ours
         source.tensors.release(key)
+        if not all_finite(target):
+            nonfinite.append(f"{key} (in {source.tensors.where(key).name})")
         counts[slot.param][slot.layer or 0] += 1
+    if nonfinite and not allow_nonfinite:
+        raise nonfinite_error(str(source.folder), nonfinite)
     wrong = {name: c for name, c in counts.items() if any(n != 1 for n in c)}
     if wrong:
         raise ConversionError(f"params not filled exactly once (count per layer): {wrong}")
@@ -177,10 +200,11 @@ def fill_params(source: Source, plan: Plan, dtypes: dict[str, np.dtype]
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
-            log=print) -> ConversionResult:
+            allow_nonfinite: bool = False, log=print) -> ConversionResult:
     """Converts the checkpoint folder `src` into `dst/dit/`. Raises `SourceError` / `ConversionError` /
     `SafetensorsError` (all ValueErrors) on bad input, leaving no `dst/dit` behind (an existing one is kept unless the
-    new one is complete and `overwrite` is set)."""
+    new one is complete and `overwrite` is set). Tensors holding NaN / Inf are refused, naming them, unless
+    `allow_nonfinite` (then they are listed in the summary and in config.json's "source")."""
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {DTYPE_CHOICES}")
     start = time.perf_counter()
@@ -198,17 +222,22 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite:
     dtypes = output_dtypes(source, plan, dtype)
     stored = sorted({_NAME_OF_OUTPUT_DTYPE[d] for d in dtypes.values()})
     config = dataclasses.replace(config, param_dtype=main_dtype(dtypes, plan.param_shapes), scan_layers=True)
-    params, counts = fill_params(source, plan, dtypes)
+    nonfinite: list[str] = []
+    params, counts = fill_params(source, plan, dtypes, allow_nonfinite=allow_nonfinite, nonfinite=nonfinite)
     parameter_count = sum(math.prod(a.shape) for a in params.values())
     described = source.describe(src)
     described.update(converter="tools.convert_wan_weights", requested_dtype=dtype,
                      converted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if nonfinite:
+        described["nonfinite_keys"] = list(nonfinite)
+        log(f"  warning: {len(nonfinite)} tensor(s) hold NaN or Inf, converted as they are (--allow_nonfinite): "
+            f"{nonfinite[:20]}")
     checkpoint.save_params(out, checkpoint.WAN_DIT, config, params, source=described, overwrite=overwrite)
     del params
     return ConversionResult(
         source=source, output=out, config=config, dtype=" + ".join(stored), tensor_count=len(plan.routes),
         parameter_count=parameter_count, fill_counts=counts, seconds=time.perf_counter() - start,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, nonfinite_keys=nonfinite,
     )
 
 
@@ -224,8 +253,9 @@ def summary(result: ConversionResult) -> str:
         f"  output:     {result.output}",
         f"  wall time:  {result.seconds:.1f} s",
         f"  peak RSS:   {result.peak_rss_bytes / 2**20:.0f} MiB",
-    ])
+    ] + ([f"  NaN / Inf:  {len(result.nonfinite_keys)} tensor(s) converted as they are: {result.nonfinite_keys[:20]}"]
+         if result.nonfinite_keys else []))
 
 
-__all__ = ["ConversionError", "ConversionResult", "Plan", "Slot", "SourceError", "convert", "fill_params",
+__all__ = ["ConversionError", "ConversionResult", "all_finite", "nonfinite_error", "Plan", "Slot", "SourceError", "convert", "fill_params",
            "main_dtype", "output_dtypes", "plan_conversion", "summary", "DTYPE_CHOICES"]

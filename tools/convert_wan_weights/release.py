@@ -10,18 +10,31 @@ Which parts: `parts=None` converts every part of a release. A diffusers pipeline
 original release folder holding any part besides the DiT is a release, and a part it lacks is an error naming it;
 a lone transformer folder (or an original folder with only the DiT) converts the DiT alone and says what is
 missing for the pipeline. `parts=("dit", "vae")` converts that subset on purpose; a requested part that is absent
-is an error. Every part is checked and written into its own staged folder, so a failure leaves no part of DST that
-looks valid; parts written before a later part failed are complete and loadable on their own.
+is an error.
+
+Writing (`staging`): the DST folder is locked for the run (a second conversion into it is refused) and staging left
+by a killed conversion is swept away first, with a note. Every part is checked and written into its own hidden
+staging folder; only when *all* parts are written are they published, each by one atomic rename, so bad input
+anywhere leaves DST as it was. A destination that another process created during the run is never replaced
+(without --overwrite): the run fails naming it, and its data is kept.
+
+Every bad input is a ValueError (exit 2 in the CLI) naming the file: nested, truncated or non-object JSON, corrupt
+safetensors headers, index shard names outside the index's folder, NaN / Inf tensors (unless allow_nonfinite), a
+truncated or unreadable .pth, a folder where a file should be.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
-from tools.convert_wan_weights import conversion, tokenizer_part, umt5_part, vae_part
+from tools.convert_wan_weights import conversion, staging, tokenizer_part, umt5_part, vae_part
 from tools.convert_wan_weights.conversion import ConversionError
+from tools.convert_wan_weights.jsonfile import read_json, short_repr
 
 PARTS = ("dit", "vae", "umt5", "tokenizer", "scheduler")
 PIPELINE_FILE = "pipeline.json"
@@ -38,17 +51,14 @@ def _locate_scheduler(src: Path) -> dict[str, Any] | None:
     original release; None when SRC is neither (a lone transformer folder)."""
     path = src / "scheduler" / "scheduler_config.json"
     if path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: not valid JSON ({e})") from None
+        raw = read_json(path, ConversionError)
         cls = raw.get("_class_name")
         if cls == "UniPCMultistepScheduler":
             if raw.get("prediction_type") != "flow_prediction" or not raw.get("use_flow_sigmas"):
                 raise ConversionError(f"{path}: a UniPC scheduler without flow sigmas / flow_prediction is not Wan's")
-            return {"solver": "unipc", "shift": float(raw.get("flow_shift", 1.0)), "source": str(path)}
+            return {"solver": "unipc", "shift": _shift(path, raw, "flow_shift"), "source": str(path)}
         if cls == "FlowMatchEulerDiscreteScheduler":
-            return {"solver": "euler", "shift": float(raw.get("shift", 1.0)), "source": str(path)}
+            return {"solver": "euler", "shift": _shift(path, raw, "shift"), "source": str(path)}
         raise ConversionError(f"{path}: scheduler {cls!r} is not supported (UniPCMultistepScheduler with flow "
                               "sigmas, or FlowMatchEulerDiscreteScheduler)")
     if (src / "model_index.json").is_file():
@@ -58,14 +68,21 @@ def _locate_scheduler(src: Path) -> dict[str, Any] | None:
     return None
 
 
+def _shift(path: Path, raw: dict[str, Any], field: str) -> float:
+    value = raw.get(field, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConversionError(f"{path}: {field} must be a positive number, got {short_repr(value)}")
+    return float(value)
+
+
 def _is_release(src: Path, found: dict[str, Any]) -> bool:
     return (src / "model_index.json").is_file() or any(found[p] for p in ("vae", "umt5", "tokenizer"))
 
 
 def convert_release(src: str | Path, dst: str | Path, *, parts: tuple[str, ...] | None = None, dtype: str = "keep",
-                    overwrite: bool = False, log=print) -> dict[str, Any]:
+                    overwrite: bool = False, allow_nonfinite: bool = False, log=print) -> dict[str, Any]:
     """Converts the parts of `src` into `dst`; returns {part: its summary text}. Raises a ValueError naming the
-    missing part / file / key on bad input (see the module docstring for which parts)."""
+    missing part / file / key on bad input (see the module docstring for which parts); DST is then as it was."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise ConversionError(f"{src}: no such file or folder" if not src.exists() else
@@ -91,23 +108,54 @@ def convert_release(src: str | Path, dst: str | Path, *, parts: tuple[str, ...] 
         missing = [p for p in parts if not found[p]]
         if missing:
             raise ConversionError(f"{src}: requested part(s) {', '.join(missing)} not found ({_where(missing)})")
-    existing = [dst / _output_name(p) for p in parts if (dst / _output_name(p)).exists()]
-    if existing and not overwrite:
-        raise ConversionError(f"{', '.join(map(str, existing))} already exists; pass --overwrite to replace it")
+    _refuse_existing(dst, parts, overwrite)
 
-    summaries = {}
-    for part in parts:
-        if part == "dit":
-            result = conversion.convert(src, dst, dtype=dtype, overwrite=overwrite, log=log)
-            summaries[part] = conversion.summary(result)
-        elif part == "scheduler":
-            summaries[part] = _write_pipeline_file(dst / PIPELINE_FILE, found["scheduler"])
-        else:
-            module = {"vae": vae_part, "umt5": umt5_part, "tokenizer": tokenizer_part}[part]
-            result = module.convert(found[part], dst / part, dtype=dtype, overwrite=overwrite)
-            summaries[part] = module.summary(result)
-        log(summaries[part])
+    with staging.locked(dst, [_output_name(p) for p in PARTS], log):
+        _refuse_existing(dst, parts, overwrite)  # again, now that the lock is held
+        areas: dict[str, Path] = {}
+        try:
+            summaries = {}
+            for part in parts:
+                name = _output_name(part)
+                area = areas[part] = staging.new_area(dst, name)
+                final, staged = dst / name, area / name
+                if part == "dit":
+                    result = conversion.convert(src, area, dtype=dtype, allow_nonfinite=allow_nonfinite, log=log)
+                    summaries[part] = conversion.summary(dataclasses.replace(result, output=final))
+                elif part == "scheduler":
+                    summaries[part] = _write_pipeline_file(staged, found["scheduler"], shown=final)
+                else:
+                    module = {"vae": vae_part, "umt5": umt5_part, "tokenizer": tokenizer_part}[part]
+                    kwargs = {} if part == "tokenizer" else {"allow_nonfinite": allow_nonfinite}
+                    result = module.convert(found[part], staged, dtype=dtype, **kwargs)
+                    summaries[part] = module.summary({**result, "output": str(final)})
+                log(summaries[part])
+            staging.before_publish(list(parts))
+            _refuse_existing(dst, parts, overwrite, during=True)  # a concurrent writer, before publishing any
+            published = []
+            for part in parts:
+                name = _output_name(part)
+                try:
+                    staging.publish(areas[part] / name, dst / name, overwrite)
+                except ConversionError as e:
+                    done = f"; already published: {', '.join(published)}" if published else "; nothing published"
+                    raise ConversionError(f"{e}{done}") from None
+                published.append(part)
+            log(f"published {', '.join(published)} in {dst}")
+        finally:
+            for area in areas.values():
+                staging.discard(area)
     return summaries
+
+
+def _refuse_existing(dst: Path, parts: tuple[str, ...], overwrite: bool, during: bool = False) -> None:
+    existing = [dst / _output_name(p) for p in parts if os.path.lexists(dst / _output_name(p))]
+    if existing and not overwrite:
+        if during:
+            raise staging.DestinationExists(
+                f"{', '.join(map(str, existing))} already exists: another process wrote it while this conversion ran; "
+                "it was left untouched and nothing was published; pass --overwrite to replace it")
+        raise ConversionError(f"{', '.join(map(str, existing))} already exists; pass --overwrite to replace it")
 
 
 def _output_name(part: str) -> str:
@@ -122,14 +170,12 @@ def _where(parts: list[str]) -> str:
     return "; ".join(f"{p}: looked for {looked[p]}" for p in parts)
 
 
-def _write_pipeline_file(path: Path, scheduler: dict[str, Any]) -> str:
-    """DST/pipeline.json: the scheduler's solver and shift and the sampling defaults, written atomically."""
+def _write_pipeline_file(path: Path, scheduler: dict[str, Any], shown: Path | None = None) -> str:
+    """pipeline.json (written into the staging area; published with the other parts): the scheduler's solver and
+    shift and the sampling defaults."""
     meta = {"format_version": PIPELINE_FORMAT_VERSION, "scheduler": scheduler, "defaults": dict(SAMPLING_DEFAULTS)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(path)
-    return f"scheduler: {scheduler['solver']}, shift {scheduler['shift']} ({scheduler['source']}) -> {path}"
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return f"scheduler: {scheduler['solver']}, shift {scheduler['shift']} ({scheduler['source']}) -> {shown or path}"
 
 
 __all__ = ["PARTS", "PIPELINE_FILE", "convert_release"]

@@ -15,6 +15,11 @@ file resident in the converter's RSS on top of its output.
 
 Sharded checkpoints (`*.safetensors.index.json`, {"weight_map": {tensor: shard file}}) and loose sets of files read
 through the same interface (`TensorCollection`): `keys()`, `info(name)`, `get(name)`, `release(name)`, `where(name)`.
+
+Hostile or broken input is a `SafetensorsError` naming the file, never a traceback: a header that is not a JSON
+object (or is nested 100,000 deep), a header length past the end of the file, offsets outside the data buffer or
+overlapping, metadata that is not {str: str}; an index whose shard names are absolute or contain `..` (an index may
+only name files in its own folder).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from tools.convert_wan_weights.jsonfile import parse_json, read_json, short_repr
 
 __all__ = [
     "DTYPES",
@@ -125,31 +132,35 @@ class SafetensorsFile(TensorCollection):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
+            if self.path.is_dir():
+                raise SafetensorsError(f"{self.path}: is a folder, expected a safetensors file")
             size = self.path.stat().st_size
+            if size < 8:
+                raise SafetensorsError(f"{self.path}: truncated: {size} bytes, shorter than the 8-byte header length")
+            with open(self.path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if header_len > size - 8:
+                    raise SafetensorsError(
+                        f"{self.path}: corrupt or truncated: header length {header_len} runs past the end of the file "
+                        f"({size} bytes)"
+                    )
+                if header_len > _MAX_HEADER_BYTES:
+                    raise SafetensorsError(f"{self.path}: corrupt header: claims {header_len} bytes of JSON")
+                raw = f.read(header_len)
         except FileNotFoundError:
             raise SafetensorsError(f"{self.path}: no such safetensors file") from None
-        if size < 8:
-            raise SafetensorsError(f"{self.path}: truncated: {size} bytes, shorter than the 8-byte header length")
-        with open(self.path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if header_len > size - 8:
-                raise SafetensorsError(
-                    f"{self.path}: corrupt or truncated: header length {header_len} runs past the end of the file "
-                    f"({size} bytes)"
-                )
-            if header_len > _MAX_HEADER_BYTES:
-                raise SafetensorsError(f"{self.path}: corrupt header: claims {header_len} bytes of JSON")
-            raw = f.read(header_len)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"{self.path}: corrupt header: not valid UTF-8 JSON ({e})") from None
+        except OSError as e:  # no permission, I/O error: name the file, no traceback
+            raise SafetensorsError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        header = parse_json(raw, str(self.path), SafetensorsError, expect=None,
+                            what="corrupt header: not valid UTF-8 JSON")
         if not isinstance(header, dict):
             raise SafetensorsError(f"{self.path}: corrupt header: expected a JSON object, got {type(header).__name__}")
 
         meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise SafetensorsError(f"{self.path}: corrupt header: __metadata__ is not an object")
+        # The format (and the reference library) allows only {str: str} here.
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise SafetensorsError(f"{self.path}: corrupt header: __metadata__ is not an object of strings "
+                                   f"({short_repr(meta)})")
         self.metadata: dict[str, str] = meta
         data_start = 8 + header_len
         data_len = size - data_start
@@ -223,19 +234,19 @@ class SafetensorsFile(TensorCollection):
 def _parse_entry(path: Path, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise SafetensorsError(f"{where}: corrupt header entry {entry!r} (needs dtype, shape, data_offsets)")
+        raise SafetensorsError(f"{where}: corrupt header entry {short_repr(entry)} (needs dtype, shape, data_offsets)")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise SafetensorsError(f"{where}: unsupported dtype {dtype!r}; supported: {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise SafetensorsError(f"{where}: corrupt shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsError(f"{where}: unsupported dtype {short_repr(dtype)}; supported: {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise SafetensorsError(f"{where}: corrupt shape {short_repr(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise SafetensorsError(f"{where}: corrupt data_offsets {offsets!r}")
+        raise SafetensorsError(f"{where}: corrupt data_offsets {short_repr(offsets)}")
     begin, end = offsets
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != expected:
@@ -248,6 +259,10 @@ def _parse_entry(path: Path, name: str, entry, data_start: int, data_len: int) -
             f"{data_start + data_len} bytes"
         )
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=data_start + begin, nbytes=end - begin)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
 
 
 def _check_no_overlap(path: Path, infos: Mapping[str, TensorInfo]) -> None:
@@ -319,16 +334,19 @@ def open_safetensors_index(index_path: str | os.PathLike) -> MultiFileTensors:
     mixed download, which we would rather report than guess about).
     """
     index_path = Path(index_path)
-    try:
-        index = json.loads(index_path.read_text())
-    except FileNotFoundError:
-        raise SafetensorsError(f"{index_path}: no such index file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{index_path}: not valid JSON ({e})") from None
+    index = read_json(index_path, SafetensorsError, expect=None)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise SafetensorsError(f"{index_path}: no 'weight_map' {{tensor name: shard file}} in the index")
+    not_names = [f"{k!r}: {short_repr(v)}" for k, v in weight_map.items() if not isinstance(v, str) or not v]
+    if not_names:
+        raise SafetensorsError(f"{index_path}: weight_map values must be shard file names; got {not_names[:5]}")
     shard_names = sorted(set(weight_map.values()))
+    outside = [s for s in shard_names if not _is_plain_relative(s)]
+    if outside:
+        raise SafetensorsError(
+            f"{index_path}: shard name(s) {outside[:10]} are absolute or contain '..'; an index may only name files "
+            "in its own folder (refusing to read files elsewhere)")
     missing = [s for s in shard_names if not (index_path.parent / s).is_file()]
     if missing:
         raise SafetensorsError(f"{index_path}: shard file(s) listed in the index are missing: {missing}")
@@ -347,6 +365,14 @@ def open_safetensors_index(index_path: str | os.PathLike) -> MultiFileTensors:
             + (f" (+{len(unlisted) - 10} more)" if len(unlisted) > 10 else "")
         )
     return tensors
+
+
+def _is_plain_relative(name: str) -> bool:
+    """A shard name that stays inside the index's folder: relative, no '..' part (either slash), no NUL. Symlinks are
+    not resolved: the Hugging Face cache keeps every file as a link into ../../blobs/."""
+    parts = name.replace("\\", "/").split("/")
+    return (not name.startswith(("/", "\\")) and "\0" not in name and ".." not in parts
+            and not (len(name) >= 2 and name[0].isalpha() and name[1] == ":"))  # C:\... written on Windows
 
 
 # ----------------------------------------------------------------------------------------------------------------------

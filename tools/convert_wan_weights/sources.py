@@ -30,6 +30,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from tools.convert_wan_weights.jsonfile import read_json, short_repr
 from tools.convert_wan_weights.safetensors_io import (
     MultiFileTensors,
     SafetensorsFile,
@@ -158,13 +159,7 @@ def detect_source(src: str | Path) -> Source:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise SourceError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json(path, SourceError)
 
 
 def _is_diffusers_config(raw: dict[str, Any]) -> bool:
@@ -416,12 +411,15 @@ def _checked_config(source: Source) -> WanConfig:
     if "num_heads" not in known:
         raise SourceError(f"{path}: needs num_heads (the head count cannot be read off tensor shapes)")
     if "patch_size" in known:
-        known["patch_size"] = tuple(known["patch_size"])
+        patch = known["patch_size"]
+        if not isinstance(patch, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in patch):
+            raise SourceError(f"{path}: patch_size must be a list of integers, got {short_repr(patch)}")
+        known["patch_size"] = tuple(patch)
 
     shapes = diffusers_shapes(source)
     try:
         config, notes = wan_keys.infer_config(shapes, **known)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # TypeError: a field of the wrong JSON type
         message = str(e)
         for theirs, ours in table.items():  # speak the file's language: in_dim, not in_channels
             if theirs != ours:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.convert_wan_weights.conversion import ConversionError
+from tools.convert_wan_weights.jsonfile import read_json
 from uvigu import checkpoint
 from uvigu.data import umt5_tokenizer as ut
 
@@ -79,6 +80,9 @@ def convert(located: Located, out: Path, *, dtype: str = "keep", overwrite: bool
     if not any(name in files for name in TOKENIZER_FILES):
         raise ConversionError(f"{folder}: no tokenizer files: needs {ut.SPIECE_MODEL} and/or {ut.TOKENIZER_JSON} "
                               f"(found {sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'no folder'})")
+    for name in files:  # first with our reader: it names the file for every kind of broken JSON
+        if name.endswith(".json"):
+            read_json(folder / name, ConversionError)
     try:
         for name in files:
             if name.endswith(".json"):

@@ -21,7 +21,6 @@ embedding may be stored as `shared.weight`, `encoder.embed_tokens.weight` or bot
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import resource
 import time
@@ -32,7 +31,8 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from tools.convert_wan_weights.conversion import ConversionError
+from tools.convert_wan_weights.conversion import ConversionError, all_finite, nonfinite_error
+from tools.convert_wan_weights.jsonfile import read_json
 from tools.convert_wan_weights.safetensors_io import (MultiFileTensors, SafetensorsFile, TensorCollection,
                                                       open_safetensors_index)
 from tools.convert_wan_weights.sources import TorchStateDict
@@ -87,8 +87,8 @@ def locate(src: Path) -> Located | None:
 
 def _is_umt5_config(path: Path) -> bool:
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = read_json(path)
+    except ValueError:
         return False
     return isinstance(raw, dict) and raw.get("model_type") in ("umt5", "t5", "mt5") and "d_model" in raw
 
@@ -105,13 +105,15 @@ def _diffusers(folder: Path) -> Located:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def convert(located: Located, out: Path, *, dtype: str = "keep", overwrite: bool = False) -> dict[str, Any]:
+def convert(located: Located, out: Path, *, dtype: str = "keep", overwrite: bool = False,
+            allow_nonfinite: bool = False) -> dict[str, Any]:
     """Converts the located encoder into the model folder `out` (e.g. DST/umt5); returns a summary dict.
 
     `dtype`: "keep" stores each param in its source dtype (bf16 for the release; a param whose tensors disagree, or
     are not float32 / bfloat16 / float16, is widened to float32 with a note), or "float32" / "bfloat16" for all.
     Raises a ValueError subclass naming the file / key on bad input; nothing is left at `out` then (an existing
-    `out` is replaced only with `overwrite` and only once the new folder is complete).
+    `out` is replaced only with `overwrite` and only once the new folder is complete). Tensors holding NaN / Inf are
+    refused, naming them, unless `allow_nonfinite` (then the notes list them).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -133,7 +135,13 @@ def convert(located: Located, out: Path, *, dtype: str = "keep", overwrite: bool
         count[_STORABLE[dt]] += math.prod(param_shapes[path])
     config = dataclasses.replace(config, param_dtype=count.most_common(1)[0][0], scan_layers=True)
 
-    params = _fill(located, tensors, hf_of, config, dtypes, param_shapes)
+    nonfinite: list[str] = []
+    params = _fill(located, tensors, hf_of, config, dtypes, param_shapes, nonfinite)
+    if nonfinite and not allow_nonfinite:
+        raise nonfinite_error(_where(located), nonfinite)
+    if nonfinite:
+        notes.append(f"{len(nonfinite)} tensor(s) hold NaN or Inf, converted as they are (--allow_nonfinite): "
+                     f"{nonfinite[:20]}")
     parameter_count = sum(math.prod(a.shape) for a in params.values())
     source = {
         "part": PART,
@@ -227,12 +235,7 @@ def _config(located: Located, shapes: dict[str, tuple[int, ...]], notes: list[st
         path = located.config_path
         if path is None or not path.is_file():
             raise ConversionError(f"{path}: missing (a diffusers text_encoder/ keeps the umT5 config there)")
-        try:
-            raw = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConversionError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raw = read_json(path, ConversionError)
         try:
             known = umt5_keys.config_from_hf(raw).to_dict()
         except (TypeError, ValueError) as e:
@@ -291,8 +294,10 @@ def _output_dtypes(tensors: TensorCollection, hf_of: dict[str, str], config: UMT
 
 
 def _fill(located: Located, tensors: TensorCollection, hf_of: dict[str, str], config: UMT5Config,
-          dtypes: dict[str, np.dtype], param_shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Allocates each param once and copies every stored tensor into its slot (layout change and cast in the copy)."""
+          dtypes: dict[str, np.dtype], param_shapes: dict[str, tuple[int, ...]],
+          nonfinite: list[str]) -> dict[str, np.ndarray]:
+    """Allocates each param once and copies every stored tensor into its slot (layout change and cast in the copy).
+    Stored keys whose slot holds NaN / Inf after the copy (so a cast overflow counts too) go to `nonfinite`."""
     params = {p: np.empty(s, dtypes[p]) for p, s in param_shapes.items()}
     filled = {p: [0] * (config.num_layers if p.startswith("blocks.") else 1) for p in param_shapes}
     by_hf = {hf: key for key, hf in hf_of.items()}
@@ -304,11 +309,13 @@ def _fill(located: Located, tensors: TensorCollection, hf_of: dict[str, str], co
         target = params[path] if layer is None else params[path][layer]
         target[...] = umt5_keys.to_ours(hf, tensors.get(key))
         tensors.release(key)
+        if not all_finite(target):
+            nonfinite.append(f"{key} (in {tensors.where(key).name})")
         filled[path][layer or 0] += 1
     if tied_twice:
         tied = tensors.get(by_hf[umt5_keys.TIED_KEY])
         shared = tensors.get(by_hf[umt5_keys.SHARED_KEY])
-        if tied.dtype != shared.dtype or not np.array_equal(tied, shared):
+        if tied.dtype != shared.dtype or not np.array_equal(tied.view(np.uint8), shared.view(np.uint8)):
             raise ConversionError(f"{tensors.where(by_hf[umt5_keys.TIED_KEY])}: {umt5_keys.SHARED_KEY} and "
                                   f"{umt5_keys.TIED_KEY} are one tied embedding in transformers but differ here; "
                                   "refusing to guess which one is meant")

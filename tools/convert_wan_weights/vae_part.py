@@ -16,7 +16,6 @@ anything is written, and the folder appears only when complete (`checkpoint.save
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from tools.convert_wan_weights.conversion import ConversionError
+from tools.convert_wan_weights.conversion import ConversionError, all_finite, nonfinite_error
+from tools.convert_wan_weights.jsonfile import read_json
 from tools.convert_wan_weights.safetensors_io import MultiFileTensors, SafetensorsFile, open_safetensors_index
 from tools.convert_wan_weights.sources import TorchStateDict
 from uvigu import checkpoint
@@ -70,8 +70,8 @@ def locate(src: Path) -> Located | None:
 
 def _is_vae_config(path: Path) -> bool:
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = read_json(path)
+    except ValueError:
         return False
     return isinstance(raw, dict) and raw.get("_class_name") == DIFFUSERS_CLASS
 
@@ -97,8 +97,10 @@ def _read(located: Located) -> dict[str, np.ndarray]:
     return {k: tensors.get(k) for k in tensors.keys()}
 
 
-def convert(located: Located, out: Path, *, dtype: str = "keep", overwrite: bool = False) -> dict[str, Any]:
-    """Converts the located VAE into the model folder `out` (e.g. DST/vae); returns a summary dict."""
+def convert(located: Located, out: Path, *, dtype: str = "keep", overwrite: bool = False,
+            allow_nonfinite: bool = False) -> dict[str, Any]:
+    """Converts the located VAE into the model folder `out` (e.g. DST/vae); returns a summary dict. Tensors holding
+    NaN / Inf are refused, naming them, unless `allow_nonfinite` (then the notes list them)."""
     start = time.perf_counter()
     if dtype not in ("keep", *_DTYPES):
         raise ConversionError(f"--dtype {dtype!r} is not one of keep, float32, bfloat16")
@@ -118,10 +120,10 @@ def convert(located: Located, out: Path, *, dtype: str = "keep", overwrite: bool
     except (KeyError, ValueError) as e:
         raise ConversionError(f"{where}: cannot read a Wan VAE architecture off the tensor shapes: {e}") from None
     if located.config_path is not None:
+        raw = read_json(located.config_path, ConversionError)
         try:
-            raw = json.loads(located.config_path.read_text())
             config = wan_vae_keys.config_from_diffusers(raw)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ConversionError(f"{located.config_path}: not a readable AutoencoderKLWan config ({e})") from None
         architecture = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
         differ = [f"{n}: config {getattr(config, n)!r}, tensors {getattr(inferred, n)!r}" for n in architecture
@@ -135,14 +137,19 @@ def convert(located: Located, out: Path, *, dtype: str = "keep", overwrite: bool
     if problems:
         raise ConversionError(f"{where}: the VAE does not match a Wan VAE with base_dim={config.base_dim}, "
                               f"z_dim={config.z_dim}, dim_mult={config.dim_mult}: " + "; ".join(problems))
-    bad = [k for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and
-           not np.isfinite(np.asarray(v, np.float32)).all()]
-    if bad:
-        raise ConversionError(f"{where}: non-finite values in {bad[:8]}")
     params = wan_vae_keys.diffusers_to_params(state, config)
     stored_dtypes = sorted({str(np.asarray(v).dtype) for v in stored.values()})
     target = _DTYPES.get(dtype) or (_DTYPES["bfloat16"] if stored_dtypes == ["bfloat16"] else _DTYPES["float32"])
     params = {k: np.asarray(v).astype(target) for k, v in params.items()}
+    # Checked on the stored tensors (the names a user can look up) and again after the cast (an overflow to Inf).
+    nonfinite = [k for k, v in stored.items() if not all_finite(np.asarray(v))]
+    if not nonfinite:
+        nonfinite = [f"{k} (after the cast to {target})" for k, v in params.items() if not all_finite(v)]
+    if nonfinite and not allow_nonfinite:
+        raise nonfinite_error(str(where), nonfinite)
+    if nonfinite:
+        notes.append(f"{len(nonfinite)} tensor(s) hold NaN or Inf, converted as they are (--allow_nonfinite): "
+                     f"{nonfinite[:20]}")
     config = dataclasses.replace(config, param_dtype=str(target) if target != _DTYPES["bfloat16"] else "bfloat16")
     source = {"kind": located.layout, "path": str(where.resolve()), "notes": notes,
               "converter": "tools.convert_wan_weights", "requested_dtype": dtype}
