@@ -12,9 +12,9 @@ encoder (where umT5-XXL's will be), plus the plain-text prompt, caption and attr
     attributes     {name: value}          all seven attribute values
     prompt, caption str;  index int (the example's index in its split)
 
-On disk, a record is b"UVTW" + crc32(payload) (4 bytes, little endian) + payload, the payload a msgpack map whose
-arrays are {dtype, shape, data}. The crc is ours, on top of ArrayRecord's own chunk hashes, so any damage that gets
-past the container is still caught, and reported with the file and record.
+The record schema, the on-disk record format (magic + crc32 + msgpack), the shard writer and the readers
+(`ShardPaths` = `ToyWorldPaths`, `ShardSource` = `ToyWorldSource`) live in `uvigu.data.records`, shared with the
+preprocessed real videos (`uvigu.data.preprocess`); this module is the toy world's producer.
 
 Layout of `<cache_dir>/toy_world/`: `manifest.json` (format, cache key, spec, encoder id, tokenizer hash, codec, field
 shapes, and per split the shard files with their record counts, sizes and sha256), `tokenizer.model`, and
@@ -28,7 +28,6 @@ Shape letters: T/h/w latent grid, C latent channels, S_p/S_cap prompt/caption to
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import fcntl
@@ -38,30 +37,23 @@ import logging
 import math
 import os
 import shutil
-import struct
-import threading
 import time
 import uuid
-import zlib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-import msgpack
 import numpy as np
-from array_record.python import array_record_module
 
-from uvigu.codec import Codec, ToyCodec, open_codec
+from uvigu.codec import ToyCodec
+from uvigu.data import records
+from uvigu.data.records import (MANIFEST_FILE, RECORD_MAGIC, WRITER_OPTIONS,  # noqa: F401 (re-exported)
+                                CorruptShardError, ShardPaths, ShardSource, decode_record, encode_record, write_shard)
 from uvigu.data.tokenizer import SentencePieceTokenizer, build_tokenizer
 from uvigu.data.world import (ATTRIBUTES, SPLITS, WorldSpec, attribute_ids, caption_text, prompt_text, render,
                               split_scenes)
 
-FORMAT = "uvigu-toy-world"
-FORMAT_VERSION = 1
-RECORD_MAGIC = b"UVTW"
-# group_size 1: every record is its own compressed chunk, so a random read decompresses one record (what grain's
-# random access wants); zstd shrinks the mostly flat latents several-fold.
-WRITER_OPTIONS = "group_size:1,zstd:3"
-MANIFEST_FILE = "manifest.json"
+FORMAT = records.TOY_WORLD_FORMAT
+FORMAT_VERSION = records.FORMATS[FORMAT]
 TOKENIZER_FILE = "tokenizer.model"
 ROOT_NAME = "toy_world"
 # Rows per encoder call; the last call is padded to the same size so a jitted encoder compiles once.
@@ -74,97 +66,16 @@ PromptEncoder = Callable[[np.ndarray, np.ndarray], Any]
 log = logging.getLogger(__name__)
 
 
-class CorruptShardError(RuntimeError):
-    """A shard or record that cannot be read back as written. `path` is the file; `record` the example's index in
-    its split (None when a whole file is unusable before any record is asked for)."""
-
-    def __init__(self, message: str, *, path: Path, record: int | None = None):
-        super().__init__(message)
-        self.path = Path(path)
-        self.record = record
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Records.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _pack_array(value):
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": True, "dtype": value.dtype.str, "shape": list(value.shape),
-                "data": np.ascontiguousarray(value).tobytes()}
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def _unpack_array(obj):
-    if obj.get("__ndarray__"):
-        return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
-    return obj
-
-
-def encode_record(example: Mapping[str, Any]) -> bytes:
-    """A dict of numpy arrays, strings, ints and str->str dicts -> record bytes (magic + crc32 + msgpack)."""
-    payload = msgpack.packb(dict(example), default=_pack_array, use_bin_type=True)
-    return RECORD_MAGIC + struct.pack("<I", zlib.crc32(payload)) + payload
-
-
-def decode_record(data: bytes) -> dict[str, Any]:
-    """Record bytes -> the dict `encode_record` was given. Raises ValueError saying what is wrong with the bytes."""
-    if len(data) < 8 or data[:4] != RECORD_MAGIC:
-        raise ValueError(f"not a toy-world record (length {len(data)}, starts {bytes(data[:4])!r})")
-    (crc,) = struct.unpack("<I", data[4:8])
-    payload = data[8:]
-    if zlib.crc32(payload) != crc:
-        raise ValueError(f"checksum mismatch (stored crc32 {crc:#010x}, computed {zlib.crc32(payload):#010x})")
-    try:
-        return msgpack.unpackb(payload, object_hook=_unpack_array, raw=False)
-    except Exception as e:  # the crc matched, so this is a writer/reader version mismatch, not damage
-        raise ValueError(f"payload does not decode: {e}") from e
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Paths and manifest.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ToyWorldPaths:
-    """Where a built toy world lives. `shards[split]` lists the split's ArrayRecord files in record order."""
-
-    root: Path
-    manifest: Path
-    tokenizer: Path
-    shards: Mapping[str, tuple[Path, ...]]
-
-    @classmethod
-    def from_root(cls, root: str | os.PathLike) -> "ToyWorldPaths":
-        root = Path(root)
-        manifest = _read_manifest(root / MANIFEST_FILE)
-        return cls(root=root, manifest=root / MANIFEST_FILE, tokenizer=root / manifest["tokenizer"]["file"],
-                   shards={split: tuple(root / f["name"] for f in manifest["splits"][split]["files"])
-                           for split in SPLITS})
-
-    def read_manifest(self) -> dict[str, Any]:
-        return _read_manifest(self.manifest)
-
-    def open_tokenizer(self) -> SentencePieceTokenizer:
-        return SentencePieceTokenizer.load(self.tokenizer)
-
-    def open_codec(self, model_folder=None) -> Codec:
-        """The codec the manifest names (a WanVAE needs the model folder its latents came from)."""
-        return open_codec(self.read_manifest()["codec"], model_folder)
+# The readers are the shared ones: a toy world is a shard set like any other.
+ToyWorldPaths = ShardPaths
+ToyWorldSource = ShardSource
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no toy-world manifest (build the world with build_toy_world)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptShardError(f"{path}: manifest is not valid JSON ({e})", path=path) from e
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')}, this code "
-                         f"reads {FORMAT!r} v{FORMAT_VERSION}")
+    """A manifest that must be a toy world's (the cache folder holds nothing else)."""
+    manifest = records.read_manifest(path)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, not a toy world ({FORMAT!r})")
     return manifest
 
 
@@ -175,12 +86,7 @@ def cache_key(spec: WorldSpec, tokenizer: SentencePieceTokenizer, encoder_id: st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_sha256 = records.sha256_file
 
 
 def _stale_reason(root: Path, key: str) -> str | None:
@@ -330,27 +236,8 @@ def _write_world(out: Path, spec: WorldSpec, tokenizer: SentencePieceTokenizer, 
         for k in range(num_shards):
             lo, hi = k * n // num_shards, (k + 1) * n // num_shards
             name = f"{split}.array_record-{k:05d}-of-{num_shards:05d}"
-            writer = array_record_module.ArrayRecordWriter(str(out / name), WRITER_OPTIONS)
-            for b in range(lo, hi, RENDER_BATCH):
-                batch = range(b, min(b + RENDER_BATCH, hi))
-                latents = codec.encode(np.stack([render(spec, scenes[split][i]) for i in batch]))
-                p_ids, p_mask = tokenizer.encode([prompts[split][i] for i in batch], spec.prompt_len)
-                c_ids, c_mask = tokenizer.encode([captions[split][i] for i in batch], spec.caption_len)
-                for row, i in enumerate(batch):
-                    scene = scenes[split][i]
-                    writer.write(encode_record({
-                        "index": i,
-                        "latents": latents[row].astype(np.float32),
-                        "prompt_ids": p_ids[row], "prompt_mask": p_mask[row],
-                        "caption_ids": c_ids[row], "caption_mask": c_mask[row],
-                        "context": contexts[prompts[split][i]],
-                        "attribute_ids": attribute_ids(spec, scene.attributes),
-                        "attributes": scene.attributes,
-                        "prompt": prompts[split][i], "caption": captions[split][i],
-                    }))
-            writer.close()
-            files.append({"name": name, "num_records": hi - lo, "bytes": (out / name).stat().st_size,
-                          "sha256": _sha256(out / name)})
+            files.append(write_shard(out / name, _shard_records(spec, codec, tokenizer, scenes[split],
+                                                                prompts[split], captions[split], contexts, lo, hi)))
         splits[split] = {"num_examples": n, "files": files}
 
     context_shape = next(iter(contexts.values())).shape
@@ -379,99 +266,22 @@ def _write_world(out: Path, spec: WorldSpec, tokenizer: SentencePieceTokenizer, 
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class ToyWorldSource:
-    """One split of a built toy world as a grain `RandomAccessDataSource`: len(source), source[i] -> record dict.
-
-    Readers are opened lazily, one per shard, shared by threads (ArrayRecord readers are thread-safe) and not pickled
-    (grain worker processes reopen them). Every failure to read a record raises CorruptShardError naming the shard
-    file, the record's position in it and the example's index in the split: shard sizes are checked against the
-    manifest up front (a truncated file fails at construction), the shard's record count when it is opened, the
-    record's ArrayRecord chunk hash and our crc32 when it is read.
-    """
-
-    def __init__(self, path: str | os.PathLike | ToyWorldPaths, split: str):
-        paths = path if isinstance(path, ToyWorldPaths) else ToyWorldPaths.from_root(path)
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
-        manifest = paths.read_manifest()
-        entries = manifest["splits"][split]["files"]
-        self.split = split
-        self.root = paths.root
-        self.key = manifest["key"]
-        self._files = [paths.root / e["name"] for e in entries]
-        self._counts = [e["num_records"] for e in entries]
-        self._ends = np.cumsum(self._counts).tolist()
-        for shard_path, entry, end in zip(self._files, entries, self._ends):
-            first = end - entry["num_records"]
-            if not shard_path.exists():
-                raise CorruptShardError(f"{shard_path}: shard missing (records {first}..{end - 1} of split "
-                                        f"{split!r})", path=shard_path, record=first)
-            size = shard_path.stat().st_size
-            if size != entry["bytes"]:
-                raise CorruptShardError(
-                    f"{shard_path}: {size} bytes, the manifest says {entry['bytes']} (truncated or overwritten?); "
-                    f"records {first}..{end - 1} of split {split!r} cannot be trusted", path=shard_path, record=first)
-        self._readers: list[Any] = [None] * len(self._files)
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
-
-    def __repr__(self) -> str:
-        return f"ToyWorldSource(root={str(self.root)!r}, split={self.split!r}, key={self.key[:16]!r})"
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_readers"] = [None] * len(self._files)
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _reader(self, shard: int, record: int, position: int):
-        if self._readers[shard] is not None:
-            return self._readers[shard]
-        path = self._files[shard]
-        with self._lock:
-            if self._readers[shard] is None:
-                where = f"{path}: cannot read record {position} (example {record} of split {self.split!r})"
-                try:
-                    reader = array_record_module.ArrayRecordReader(str(path), "readahead_buffer_size:0")
-                except Exception as e:
-                    raise CorruptShardError(f"{where}: the shard does not open ({e})", path=path,
-                                            record=record) from e
-                if not reader.ok() or reader.num_records() != self._counts[shard]:
-                    raise CorruptShardError(
-                        f"{where}: the shard holds {reader.num_records()} readable records, the manifest says "
-                        f"{self._counts[shard]} (truncated or corrupt file)", path=path, record=record)
-                self._readers[shard] = reader
-        return self._readers[shard]
-
-    def __getitem__(self, index) -> dict[str, Any]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for split {self.split!r} of {len(self)} examples")
-        shard = bisect.bisect_right(self._ends, index)
-        position = index - (self._ends[shard] - self._counts[shard])
-        path = self._files[shard]
-        reader = self._reader(shard, index, position)
-        where = f"{path}: record {position} (example {index} of split {self.split!r})"
-        try:
-            data = reader.read([position])[0]
-        except Exception as e:
-            raise CorruptShardError(f"{where} cannot be read: {e}", path=path, record=index) from e
-        try:
-            example = decode_record(data)
-        except ValueError as e:
-            raise CorruptShardError(f"{where} is corrupt: {e}", path=path, record=index) from e
-        if example.get("index") != index:
-            raise CorruptShardError(f"{where} holds example {example.get('index')} (shards out of order?)",
-                                    path=path, record=index)
-        return example
+def _shard_records(spec: WorldSpec, codec: ToyCodec, tokenizer: SentencePieceTokenizer, scenes, prompts, captions,
+                   contexts: dict[str, np.ndarray], lo: int, hi: int):
+    """The records of examples lo..hi-1 of a split, rendered and tokenised RENDER_BATCH at a time."""
+    for b in range(lo, hi, RENDER_BATCH):
+        batch = range(b, min(b + RENDER_BATCH, hi))
+        latents = codec.encode(np.stack([render(spec, scenes[i]) for i in batch]))
+        p_ids, p_mask = tokenizer.encode([prompts[i] for i in batch], spec.prompt_len)
+        c_ids, c_mask = tokenizer.encode([captions[i] for i in batch], spec.caption_len)
+        for row, i in enumerate(batch):
+            yield {
+                "index": i,
+                "latents": latents[row].astype(np.float32),
+                "prompt_ids": p_ids[row], "prompt_mask": p_mask[row],
+                "caption_ids": c_ids[row], "caption_mask": c_mask[row],
+                "context": contexts[prompts[i]],
+                "attribute_ids": attribute_ids(spec, scenes[i].attributes),
+                "attributes": scenes[i].attributes,
+                "prompt": prompts[i], "caption": captions[i],
+            }
