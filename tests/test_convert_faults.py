@@ -25,6 +25,7 @@ import torch
 import tiny_release as tr
 from tools.convert_wan_weights import main, staging
 from tools.convert_wan_weights.safetensors_io import SafetensorsFile, write_safetensors
+from uvigu import atomic_files
 
 REPO = Path(__file__).resolve().parents[1]
 DIT_FILE = "transformer/diffusion_pytorch_model.safetensors"
@@ -299,7 +300,7 @@ def test_destination_appearing_at_the_rename_is_kept(renameat2, releases, tmp_pa
     src, dst = copy(releases, tmp_path), tmp_path / "dst"
     real_publish = staging.publish
     if not renameat2:
-        monkeypatch.setattr(staging, "_renameat2", lambda *a: False)
+        monkeypatch.setattr(atomic_files, "_renameat2", lambda *a: False)
 
     def racing_publish(staged, final, overwrite):
         if final.name == "pipeline.json":
@@ -318,7 +319,7 @@ def test_destination_appearing_at_the_rename_is_kept(renameat2, releases, tmp_pa
 def test_publish_never_replaces_without_overwrite(renameat2, target, tmp_path, monkeypatch):
     """The atomic step itself: the target exists by the time of the rename (no check before it can help)."""
     if not renameat2:
-        monkeypatch.setattr(staging, "_renameat2", lambda *a: False)
+        monkeypatch.setattr(atomic_files, "_renameat2", lambda *a: False)
     staged, final = tmp_path / "area" / "dit", tmp_path / "dit"
     staged.mkdir(parents=True)
     (staged / "ours").write_text("new")

@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from uvigu import sharding
+from uvigu import atomic_files, sharding
 from uvigu.models import flat_params
 
 FORMAT_VERSION = 1
@@ -236,13 +236,16 @@ def staged_folder(final: Path, overwrite: bool) -> Iterator[Path]:
         yield staging
         _barrier(f"staged:{staging.name}:written")
         if primary:
-            if final.exists():
-                retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-                final.rename(retired)
-                staging.rename(final)
-                shutil.rmtree(retired)
-            else:
-                staging.rename(final)
+            # One atomic step: without overwrite a `final` that appeared meanwhile (another writer) is an error and
+            # is kept; with it, old and new are swapped and the old tree (now at `staging`) removed.
+            try:
+                atomic_files.publish(staging, final, overwrite)
+            except atomic_files.DestinationExists as e:
+                raise CheckpointError(f"{final} appeared while it was being written (another writer?); it was left "
+                                      "untouched, this write was dropped") from e
+            if staging.exists():
+                shutil.rmtree(staging)
+            shutil.rmtree(staging.parent / f"{staging.name}.retired", ignore_errors=True)
         _barrier(f"staged:{staging.name}:renamed")
     except BaseException:
         if primary:
@@ -297,8 +300,8 @@ def find_model_folder(path: str | Path, kind: str | None = None) -> tuple[Path, 
                               "written by `python -m tools.convert_wan_weights` or `save_pretrained`?")
     try:
         meta = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{config_path}: not a uvigu model config (no 'model' field); a diffusers or original "
                               "Wan folder must be converted first: python -m tools.convert_wan_weights")

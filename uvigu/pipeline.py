@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from uvigu import checkpoint, flow, sampling
+from uvigu import atomic_files, checkpoint, flow, sampling
 from uvigu.data import video as video_io
 from uvigu.data.umt5_tokenizer import UMT5Tokenizer, clean_prompt
 from uvigu.models.umt5 import wan_context
@@ -140,9 +140,7 @@ class Pipeline:
         d = dataclasses.asdict(self.defaults)
         meta = {"format_version": 1, "scheduler": {"solver": d.pop("solver"), "shift": d.pop("shift"),
                                                    "source": str(self.source)}, "defaults": d}
-        tmp = path / f".{PIPELINE_FILE}.partial"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(path / PIPELINE_FILE)
+        atomic_files.write_text(path / PIPELINE_FILE, json.dumps(meta, indent=2) + "\n")
         return path
 
     # -- checks ------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
-from uvigu import checkpoint, flow, run_config, run_data, sharding
+from uvigu import atomic_files, checkpoint, flow, run_config, run_data, sharding
 from uvigu.data import pipeline
 from uvigu.models.univigu import UniViGU, text_params
 from uvigu.models.wan import WanDiT
@@ -265,7 +265,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     if run_file.exists():
         _check_same_model(json.loads(run_file.read_text())["model"], description, workdir_path)
     elif jax.process_index() == 0:
-        _write_atomically(run_file, json.dumps({"model": description, "config": json.loads(c.to_json_best_effort())},
+        atomic_files.write_text(run_file, json.dumps({"model": description, "config": json.loads(c.to_json_best_effort())},
                                                indent=2) + "\n")
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -423,13 +423,6 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes `text` to a temporary sibling, then renames it over `path`: a reader never sees half a file."""
-    tmp = path.parent / f".{path.name}.partial"
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run_evaluation(c, model, data, writer, step: int, workdir: Path) -> dict[str, Any]:
     """Evaluates the model on the validation and held-out test splits (see `uvigu.evaluate`), writes
     `eval/step_N.json`, scalars, and samples."""
@@ -439,5 +432,5 @@ def run_evaluation(c, model, data, writer, step: int, workdir: Path) -> dict[str
     writer.write_scalars(step, evaluate.flat_scalars(report))
     if jax.process_index() == 0:
         (workdir / "eval").mkdir(exist_ok=True)
-        _write_atomically(workdir / "eval" / f"step_{step}.json", json.dumps(report, indent=2) + "\n")
+        atomic_files.write_text(workdir / "eval" / f"step_{step}.json", json.dumps(report, indent=2) + "\n")
     return report

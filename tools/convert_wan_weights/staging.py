@@ -25,24 +25,20 @@ that long after every part is staged and before the first is published (tests ki
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from tools.convert_wan_weights.conversion import ConversionError
+from uvigu import atomic_files
 
 PARTIAL_TAG = ".partial"  # `.{name}.partial-XXXXXXXX` (ours and uvigu.checkpoint's), `.{name}.partial` (older files)
 OLD_TAG = ".old-"  # `.{name}.old-XXXXXXXX`: uvigu.checkpoint.staged_folder's retired folder during an overwrite
 PAUSE_ENV = "UVIGU_CONVERT_TEST_PAUSE_S"
 
-_AT_FDCWD = -100
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
 class DestinationExists(ConversionError):
@@ -127,77 +123,18 @@ def before_publish(names: list[str]) -> None:
 
 
 def publish(staged: Path, final: Path, overwrite: bool) -> None:
-    """Moves `staged` (a folder or a file) to `final` in one step. Without `overwrite` an existing `final` is an error
-    and is left exactly as it is, even one that appeared a moment ago; with it, old and new are swapped atomically and
-    the old one ends up at `staged` (the caller removes it)."""
-    staged, final = Path(staged), Path(final)
-    if not overwrite:
-        if _renameat2(staged, final, _RENAME_NOREPLACE):
-            return
-        _fallback_noreplace(staged, final)
-        return
-    if not os.path.lexists(final):
-        try:
-            publish(staged, final, overwrite=False)
-            return
-        except DestinationExists:
-            pass  # appeared just now: overwrite asked for, so swap
-    if _renameat2(staged, final, _RENAME_EXCHANGE):
-        return
-    retired = staged.parent / f"{staged.name}.retired"
-    os.rename(final, retired)
-    os.rename(staged, final)
+    """Moves `staged` (a folder or a file) to `final` in one step (`uvigu.atomic_files.publish`): without `overwrite`
+    an existing `final` is an error and is left exactly as it is, even one that appeared a moment ago; with it, old
+    and new are swapped atomically and the old one ends up at `staged` (the caller removes it)."""
+    try:
+        atomic_files.publish(staged, final, overwrite)
+    except atomic_files.DestinationExists as e:
+        raise _exists_error(final) from e
 
 
 def _exists_error(final: Path) -> DestinationExists:
     return DestinationExists(f"{final} already exists (another process wrote it while this conversion ran?); it was "
                              "left untouched; pass --overwrite to replace it")
-
-
-_libc_renameat2 = None
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """True when renameat2 did it; False when it is unavailable here (use the fallback); raises otherwise."""
-    global _libc_renameat2
-    if not sys.platform.startswith("linux"):
-        return False
-    if _libc_renameat2 is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).renameat2
-        except (AttributeError, OSError):
-            _libc_renameat2 = False
-            return False
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        _libc_renameat2 = fn
-    if _libc_renameat2 is False:
-        return False
-    if _libc_renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL):  # kernel or file system without the flag
-        return False
-    if err in (errno.EEXIST, errno.ENOTEMPTY):
-        raise _exists_error(dst)
-    raise OSError(err, f"cannot move {src} to {dst}: {os.strerror(err)}")
-
-
-def _fallback_noreplace(staged: Path, final: Path) -> None:
-    if os.path.lexists(final):
-        raise _exists_error(final)
-    try:
-        if staged.is_dir():
-            os.rename(staged, final)  # refuses a non-empty folder that appeared since the check
-        else:
-            os.link(staged, final)  # refuses any file that appeared since the check
-            staged.unlink()
-    except (FileExistsError, IsADirectoryError, NotADirectoryError) as e:
-        raise _exists_error(final) from e
-    except OSError as e:
-        if e.errno == errno.ENOTEMPTY:
-            raise _exists_error(final) from None
-        raise
 
 
 def _remove(path: Path) -> None:
