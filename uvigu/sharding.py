@@ -4,11 +4,23 @@ Params are tagged with *logical* axis names when they are created (`nnx.with_par
 kernel is ('embed', 'heads')); activations are constrained with logical names too ('act_batch', 'act_length', ...).
 `LOGICAL_AXIS_RULES` below is the one place that maps those names to mesh axes, so re-laying out the model for a new
 topology touches one table. A logical dim whose size does not divide the mesh axes it maps to is replicated instead
-(XLA would otherwise pad it); `resolve_spec` reports which dims that happened to through `explain_spec`.
+(XLA would otherwise pad it); `explain_shardings` lists what was decided for every param, and `constrain` logs a
+warning (once per shape) when an activation dim falls back to replicated that way.
 
 Mesh axes: `data` (pure data parallel, params replicated), `fsdp` (data parallel with params and optimizer state
-sharded over the embed dim), `tensor` (heads / FFN hidden / vocab split, Megatron style), `context` (sequence split
-of the video tokens; reserved for context-parallel attention, size 1 today).
+sharded over the embed dim), `tensor` (heads / FFN hidden / vocab split, Megatron style), `context` (sequence
+parallel: the token axis `act_length` of every activation is split over it).
+
+Context parallelism. The residual stream, norms, modulation, FFNs and cross-attention work per token, so with
+`act_length` -> `context` each device computes only its contiguous chunk of the sequence (the unified model's
+video / text split at L moves only the tokens that cross a shard edge).
+Self-attention is the one place that mixes tokens: its queries stay split (`act_length`), its keys and values are
+constrained to `act_kv_length`, which maps to nothing, i.e. XLA all-gathers K and V over `context` inside the
+attention (and reduce-scatters their gradients). Each query row then sees every key locally, so the softmax and the
+sums run in the same order as on one device: the numbers do not change. For the unified model the split is over the
+concatenated [video; text] sequence, so L + S must be a multiple of the context size; if not, the token axis is
+replicated (same numbers, no saving, and a warning) -- it is never padded. (Real sizes divide: 32,760 + 256 and
+75,600 + 256 tokens split 8 ways.)
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -38,7 +51,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),  # norm scales and biases (small)
     # --- activations ---
     ("act_batch", ("data", "fsdp")),
-    ("act_length", "context"),
+    ("act_length", "context"),  # the token axis: sequence (context) parallelism
+    ("act_kv_length", None),  # keys / values inside attention: gathered over `context` (each query sees all keys)
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
@@ -113,7 +127,31 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, resolve_spec(logical_axes, x.shape, mesh))
+    spec = resolve_spec(logical_axes, x.shape, mesh)
+    _warn_if_replicated(logical_axes, x.shape, spec, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+_warned: set = set()
+
+
+def _warn_if_replicated(logical_axes, shape, spec: PartitionSpec, mesh) -> None:
+    """Logs (once per name, size and mesh) an activation dim that a >1 mesh axis should split but cannot, because
+    its size does not divide: e.g. a [video; text] sequence whose length is not a multiple of the `context` size."""
+    table = _rules_dict(LOGICAL_AXIS_RULES)
+    for name, size, got in zip(logical_axes, shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if name is None or got is not None or not name.startswith("act_"):
+            continue
+        axes = tuple(a for a in table.get(name, ()) if mesh.shape.get(a, 1) > 1)
+        parts = math.prod(mesh.shape[a] for a in axes)
+        if not axes or size % parts == 0:
+            continue  # nothing to split over, or replicated because an earlier dim took the axis
+        key = (name, size, tuple(sorted(mesh.shape.items())))
+        if key in _warned:
+            continue
+        _warned.add(key)
+        logging.warning("activation axis %r of size %d does not divide mesh axes %s (%d ways): replicated there, "
+                        "so those devices repeat its work", name, size, axes, parts)
 
 
 def _logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:

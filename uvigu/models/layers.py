@@ -5,6 +5,10 @@ its params with logical axis names, one attention function with switchable backe
 (Wan's 3-D interleaved form and a 1-D form for text), sinusoidal time features and named remat policies.
 
 Shape letters: B batch, L query tokens, M key tokens, N heads, K head dim, D model dim, P rotary pairs (K / 2).
+
+Context parallelism lives in `dot_product_attention`: queries (and the output) are constrained to the token axis
+`act_length` (split over the `context` mesh axis), keys, values and the key mask to `act_kv_length` (replicated), so
+XLA all-gathers K/V over `context` and every query row attends to all keys on its own device (see uvigu.sharding).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float
+
+from uvigu import sharding
 
 AttentionBackend = Literal["xla", "cudnn"]
 ATTENTION_BACKENDS = ("xla", "cudnn")
@@ -112,7 +118,22 @@ def dot_product_attention(
 
     `xla` is the portable path: logits and softmax in float32 whatever the input dtype. `cudnn` is the fused
     flash-attention kernel (GPU only, bf16/fp16 inputs).
+
+    On a mesh the queries stay split over `context` and K/V are gathered (the constraints below); outside a mesh
+    the constraints are no-ops.
     """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
+    q = sharding.constrain(q, ("act_batch", "act_length", "act_heads", None))
+    k = sharding.constrain(k, ("act_batch", "act_kv_length", "act_heads", None))
+    v = sharding.constrain(v, ("act_batch", "act_kv_length", "act_heads", None))
+    if kv_mask is not None:
+        kv_mask = sharding.constrain(kv_mask, ("act_batch", "act_kv_length"))
+    out = _attend(q, k, v, kv_mask, backend)
+    return sharding.constrain(out, ("act_batch", "act_length", "act_heads", None))
+
+
+def _attend(q, k, v, kv_mask, backend: AttentionBackend):
     if backend == "xla":
         scale = 1.0 / math.sqrt(q.shape[-1])
         logits = jnp.einsum("BLNK,BMNK->BNLM", q, k, preferred_element_type=jnp.float32) * scale
@@ -123,7 +144,7 @@ def dot_product_attention(
     if backend == "cudnn":
         mask = None if kv_mask is None else kv_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-    raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
+    raise AssertionError(backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -266,7 +266,11 @@ class UniViGU(nnx.Module):
             shift, scale, gate, c_shift, c_scale, c_gate = mods
             x = block.self_attention(x, shift, scale, gate, rope, kv_mask)
             x = block.cross_attention(x, context)
-            routed = lambda h: jnp.concatenate([block.ffn(h[:, :n_video]), ffn_t(h[:, n_video:])], axis=1)
+            # Each modality's slice stays split over `context` (its own even split: the boundary at L need not fall
+            # on a shard edge, so XLA moves the few tokens across it), so FFN_v / FFN_t never run replicated.
+            per_token = lambda t: sharding.constrain(t, ("act_batch", "act_length", "act_embed"))
+            routed = lambda h: per_token(jnp.concatenate([per_token(block.ffn(per_token(h[:, :n_video]))),
+                                                          per_token(ffn_t(per_token(h[:, n_video:])))], axis=1))
             x = block.feed_forward(x, c_shift, c_scale, c_gate, ffn=routed)
             return sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
 
@@ -282,8 +286,10 @@ def _per_segment(video_mod: Float[Array, "B 1 D"], text_mod: Float[Array, "B 1 D
     """Per-token modulation [B, L + S, D]: the video row for the first L tokens, the text row for the rest.
     (A broadcast-and-concatenate that XLA fuses into its consumer: no [B, L + S, 6, D] tensor is materialised.)"""
     b, _, d = video_mod.shape
-    return jnp.concatenate([jnp.broadcast_to(video_mod, (b, n_video, d)),
-                            jnp.broadcast_to(text_mod, (b, n_text, d))], axis=1)
+    mod = jnp.concatenate([jnp.broadcast_to(video_mod, (b, n_video, d)),
+                           jnp.broadcast_to(text_mod, (b, n_text, d))], axis=1)
+    # Laid out like the tokens it modulates (left alone, XLA may split D instead and then re-gather it whole).
+    return sharding.constrain(mod, ("act_batch", "act_length", "act_embed"))
 
 
 def text_params(path, _value) -> bool:

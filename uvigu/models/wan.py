@@ -143,7 +143,7 @@ class WanAttention(nnx.Module):
         v = split(self.to_v(kv_input))
         if rope is not None:
             q, k = _rotate(q, rope), _rotate(k, rope)
-        q = sharding.constrain(q, ("act_batch", "act_length", "act_heads", None))
+        # (the attention constrains q to the sequence split and gathers k / v over `context` itself)
         out = layers.dot_product_attention(q, k, v, kv_mask, backend=self.backend)
         out = layers.tag(rearrange(out, "B L N K -> B L (N K)"), "attention_out")
         return self.to_out(out)
