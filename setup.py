@@ -43,6 +43,8 @@ setup(
             "transformers>=5.23,<5.24",
             "safetensors",
             "sentencepiece",
+            "peft",  # LoRA parity against diffusers + PEFT
+            "accelerate",  # peft needs it
             "pytest",
             "pytest-xdist",
         ],
