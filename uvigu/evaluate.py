@@ -130,3 +130,40 @@ def flat_scalars(report: dict[str, Any]) -> dict[str, float]:
                 if name != "count":
                     out[f"eval/{split}/{mode}/{name}"] = float(value)
     return out
+
+
+def sample_real_data(c, model, data: pipeline.Datasets, *, release: Path, workdir: Path, step: int) -> dict[str, Any]:
+    """Periodic samples of a run on real latent shards (no attribute scorer exists there): for the first
+    `config.sample.num_saved` held-out clips (validation, else train), a T2V video from the clip's prompt context and,
+    for a UniViGU, the V2T caption of the clip, written as `samples/step_N/t2v_i.mp4` and `captions.txt` (prompt,
+    reference caption, generated caption). The VAE decoding them is the release's (`release/vae`)."""
+    from uvigu import checkpoint
+    from uvigu.data.video import write_video
+
+    source = data.validation if len(data.validation) else data.train
+    if isinstance(source, dict):  # buckets: the first one's clips
+        source = next(iter(source.values()))
+    n = min(c.sample.num_saved, len(source))
+    report: dict[str, Any] = {"step": step, "stage": c.stage, "samples": n}
+    if n == 0:
+        return report
+    records = [source[i] for i in range(n)]
+    batch = {k: jnp.asarray(_stack(records, k)) for k in ("latents", "context", "prompt_ids", "prompt_mask")}
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, batch, key: generate(c, nnx.merge(graphdef, state), batch, key))
+    out = jax.device_get(run(state, batch, jax.random.key(c.seed + 7919)))
+    vae = checkpoint.load_pretrained(release, kind=checkpoint.WAN_VAE)
+    videos = np.asarray(jax.jit(lambda z: jnp.clip((vae.decode(z) + 1.0) / 2.0, 0.0, 1.0))(out["t2v"]))
+    captions = data.tokenizer.decode(np.asarray(out["v2t"])) if "v2t" in out else []
+    if jax.process_index() == 0:
+        folder = Path(workdir) / "samples" / f"step_{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, record in enumerate(records):
+            write_video(folder / f"t2v_{i}.mp4", videos[i], fps=16)
+            lines += [f"[{i}] prompt:    {record.get('prompt', '')}", f"    caption:   {record.get('caption', '')}"]
+            if captions:
+                lines.append(f"    generated: {captions[i]}")
+        (folder / "captions.txt").write_text("\n".join(lines) + "\n")
+        report["folder"] = str(folder)
+    return report

@@ -8,22 +8,26 @@ error.
 
 Variants (`--config=configs/stage1.py:VARIANT`): `tiny` (the embedded toy world on a CPU: the default),
 `wan2.1-1.3b` and `wan2.1-14b` (real Wan2.1 weights converted with `tools.convert_wan_weights`, latent shards at
-`data.path`).
+`data.path`), and `from_folder`: the architecture is read at the start of the run from `init.path` (a converted
+folder's `dit/config.json` and tokenizer for stage 1, the init workdir's run_config.json for stage 2), not from a
+preset, so any converted Wan folder trains as it is (`resolve_from_folder`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import ml_collections
 
+from uvigu.models.lora import LoRAConfig
 from uvigu.models.univigu import UniViGUConfig
 from uvigu.models.wan import WanConfig
 
 STAGES = ("pretrain_t2v", "stage1", "stage2")
-VARIANTS = ("tiny", "wan2.1-1.3b", "wan2.1-14b")
+VARIANTS = ("tiny", "wan2.1-1.3b", "wan2.1-14b", "from_folder")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # The toy world's shapes, fixed by its codec (space-to-depth 4 of 32x32 RGB) and its tiny umT5 encoder.
@@ -49,7 +53,9 @@ def common(stage: str, variant: str) -> ml_collections.ConfigDict:
     c.seed = 0
 
     # ---- model: bf16 compute, fp32 master weights, remat by name ----
-    wan = WanConfig.preset("wan2.1-1.3b" if variant == "tiny" else variant, dtype="bfloat16", remat_policy="names")
+    # (from_folder: a placeholder architecture, replaced by the init folder's at the start of the run)
+    preset = "wan2.1-1.3b" if variant in ("tiny", "from_folder") else variant
+    wan = WanConfig.preset(preset, dtype="bfloat16", remat_policy="names")
     c.model = ml_collections.ConfigDict()
     c.model.wan = ml_collections.ConfigDict(dataclasses.asdict(wan))
     c.model.univigu = ml_collections.ConfigDict(dataclasses.asdict(UniViGUConfig()))
@@ -84,8 +90,13 @@ def common(stage: str, variant: str) -> ml_collections.ConfigDict:
         lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
         warmup_steps=1000, schedule="cosine", min_lr_ratio=0.1,  # cosine | constant
         clip_norm=1.0,
+        trainable="all",  # all | lora (adapters only, base frozen; see config.lora)
         freeze_video=False,  # train only the text side (FFN_t, text time path, text in/out)
     ))
+    # LoRA (optim.trainable='lora'): rank, alpha (scale alpha/rank) and target Linears of each block (FFN_t included).
+    lora_defaults = LoRAConfig()
+    c.lora = ml_collections.ConfigDict(dict(rank=lora_defaults.rank, alpha=float(lora_defaults.rank),
+                                            targets=list(lora_defaults.targets)))
 
     # ---- schedule of the loop ----
     c.total_steps = 100_000
@@ -132,6 +143,35 @@ def use_toy_world(c: ml_collections.ConfigDict) -> None:
     c.sample.num_steps, c.sample.guidance_scale = 10, 3.0
 
 
+def resolve_from_folder(c: ml_collections.ConfigDict) -> None:
+    """For the `from_folder` variant: the architecture fields of `c.model.wan` (and the text side's vocabulary) from
+    the init source; execution fields (dtype, remat, ...) stay the config's. A no-op for the other variants."""
+    if c.variant != "from_folder":
+        return
+    from uvigu import checkpoint
+
+    execution = checkpoint.EXECUTION_FIELDS
+    if c.init.kind == "wan":
+        found = checkpoint.load_config(c.init.path, kind=checkpoint.WAN_DIT).to_dict()
+        tokenizer = _release_root(Path(c.init.path)) / "tokenizer" / "config.json"
+        univigu = None
+        if tokenizer.is_file():  # the text side's vocabulary is the release's tokenizer
+            univigu = {"vocab_size": json.loads(tokenizer.read_text())["vocab_size"]}
+    elif c.init.kind == "stage":
+        model = json.loads((Path(c.init.path) / "run_config.json").read_text())["config"]["model"]
+        found, univigu = model["wan"], model["univigu"]
+    else:
+        raise ValueError(f"the from_folder variant needs config.init.kind wan or stage, got {c.init.kind!r}")
+    c.model.wan.update({k: v for k, v in found.items() if k not in execution})
+    if univigu:
+        c.model.univigu.update(univigu)
+
+
+def _release_root(path: Path) -> Path:
+    """A converted DST given as the DST or as its dit/ folder."""
+    return path.parent if path.name == "dit" else path
+
+
 def load(stage: str, variant: str | None = None) -> ml_collections.ConfigDict:
     """`configs/{stage}.py`'s get_config(variant), as `--config=configs/{stage}.py:variant` would give it."""
     spec = importlib.util.spec_from_file_location(f"configs.{stage}", CONFIGS_DIR / f"{stage}.py")
@@ -148,3 +188,93 @@ def wan_config(c: ml_collections.ConfigDict) -> WanConfig:
 
 def univigu_config(c: ml_collections.ConfigDict) -> UniViGUConfig:
     return UniViGUConfig(**c.model.univigu.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checking a config before any work (uvigu.train calls it before it creates the workdir).
+# ----------------------------------------------------------------------------------------------------------------------
+
+INIT_KINDS = ("scratch", "wan", "stage")
+DATA_KINDS = ("toy_world", "shards")
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names every bad key and what it may be."""
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Checks every value a run reads against what the code accepts, before a workdir, dataset or model exists.
+    Raises ConfigError listing each bad key with its value and the allowed values or range."""
+    import typing
+
+    from uvigu import flow, sampling
+    from uvigu.data import pipeline
+
+    problems: list[str] = []
+
+    def get(key: str):
+        node = c
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def choice(key: str, allowed) -> None:
+        if get(key) not in allowed:
+            problems.append(f"config.{key}={get(key)!r} is not one of {' | '.join(map(str, allowed))}")
+
+    def number(key: str, low=None, high=None, *, integer: bool = False, open_low: bool = False) -> None:
+        v = get(key)
+        kind = (int,) if integer else (int, float)
+        if isinstance(v, bool) or not isinstance(v, kind):
+            problems.append(f"config.{key}={v!r} is not {'an integer' if integer else 'a number'}")
+            return
+        bad = (low is not None and (v <= low if open_low else v < low)) or (high is not None and v > high)
+        if bad:
+            lo = "" if low is None else f"{'>' if open_low else '>='} {low}"
+            hi = "" if high is None else f"<= {high}"
+            problems.append(f"config.{key}={v!r} is out of range (must be {' and '.join(x for x in (lo, hi) if x)})")
+
+    choice("stage", STAGES)
+    choice("variant", VARIANTS)
+    choice("init.kind", INIT_KINDS)
+    choice("data.kind", DATA_KINDS)
+    choice("data.text_target", typing.get_args(pipeline.TextTarget))
+    choice("flow.tau_sampling", typing.get_args(flow.TauKind))
+    choice("model.univigu.text_flow", typing.get_args(flow.TextFlowName))
+    choice("sample.solver", typing.get_args(sampling.Solver))
+    choice("optim.schedule", SCHEDULES)
+    if "trainable" in c.optim:
+        choice("optim.trainable", ("all", "lora"))
+    for key in ("total_steps", "log_every", "ckpt_every", "keep_checkpoints", "eval_batch_size",
+                "data.global_batch_size", "sample.num_steps"):
+        number(key, 1, integer=True)
+    for key in ("eval_every", "eval_examples", "sample.num_saved", "optim.warmup_steps", "seed"):
+        number(key, 0, integer=True)
+    for key in ("flow.cond_dropout", "flow.clean_video_prob", "flow.clean_text_prob", "optim.min_lr_ratio"):
+        number(key, 0.0, 1.0)
+    for key in ("optim.b1", "optim.b2"):
+        number(key, 0.0, 1.0)
+    for key in ("optim.lr", "optim.clip_norm", "flow.tau_std"):
+        number(key, 0.0, open_low=True)
+    for key in ("optim.eps", "optim.weight_decay", "flow.rounding_weight", "sample.guidance_scale"):
+        number(key, 0.0)
+    number("flow.tau_shift", 0.0, open_low=True)
+    number("sample.shift", 0.0, open_low=True)
+    if c.stage != "pretrain_t2v" and c.data.text_target == "none":
+        problems.append(f"config.data.text_target='none' leaves {c.stage} no target text (prompt | caption)")
+    if not isinstance(c.get("allow_config_change", False), bool):
+        problems.append(f"config.allow_config_change={c.allow_config_change!r} is not true | false")
+    mesh = c.mesh.to_dict()
+    for name, size in mesh.items():
+        if isinstance(size, bool) or not isinstance(size, int) or not (size >= 1 or size == -1):
+            problems.append(f"config.mesh.{name}={size!r} is not a positive integer or -1 (the remaining devices)")
+    if sum(v == -1 for v in mesh.values()) > 1:
+        problems.append(f"config.mesh={mesh}: at most one axis may be -1")
+    for section, make in (("model.wan", wan_config), ("model.univigu", univigu_config)):
+        try:
+            make(c)
+        except (TypeError, ValueError) as e:  # the dataclasses' own checks (dtype, remat_policy, sizes, ...)
+            problems.append(f"config.{section}: {e}")
+    if problems:
+        raise ConfigError("invalid config (nothing was started or written):\n  " + "\n  ".join(problems))

@@ -26,11 +26,18 @@ def open_datasets(c) -> Datasets:
         paths = toy_world.ToyWorldPaths.from_root(d.path)
     else:
         raise ValueError(f"config.data.kind={d.kind!r} is not 'toy_world' or 'shards'")
-    splits = {s: toy_world.ToyWorldSource(paths, s) for s in ("train", "validation", "test")}
-    first = splits["train"][0]
-    return Datasets(train=splits["train"], validation=splits["validation"], test=splits["test"],
-                    tokenizer=paths.open_tokenizer(), codec=paths.open_codec(),
-                    latent_shape=tuple(first["latents"].shape), context_shape=tuple(first["context"].shape))
+    buckets = paths.buckets("train")
+    # Several latent shapes (buckets): one source per bucket, so that a batch holds one shape.
+    train = ({b: toy_world.ToyWorldSource(paths, "train", bucket=b) for b in buckets} if len(buckets) > 1
+             else toy_world.ToyWorldSource(paths, "train"))
+    first = (next(iter(train.values())) if isinstance(train, dict) else train)[0]
+    return Datasets(train=train, validation=toy_world.ToyWorldSource(paths, "validation"),
+                    test=toy_world.ToyWorldSource(paths, "test"), tokenizer=paths.open_tokenizer(),
+                    # The toy codec is rebuilt from its description; a WanVAE (params) is loaded only when samples
+                    # are decoded (`uvigu.evaluate.sample_real_data`).
+                    codec=paths.open_codec() if paths.read_manifest()["codec"].get("name") == "ToyCodec" else None,
+                    latent_shape=tuple(first["latents"].shape), context_shape=tuple(first["context"].shape),
+                    manifest=paths.read_manifest())
 
 
 # The toy world's frozen prompt encoder: umT5's architecture, tiny, random weights from this seed.

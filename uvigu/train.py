@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from flax import nnx
 
 from uvigu import atomic_files, checkpoint, flow, run_config, run_data, sharding
 from uvigu.data import pipeline
+from uvigu.models import lora, lora_formats
 from uvigu.models.univigu import UniViGU, text_params
 from uvigu.models.wan import WanDiT
 
@@ -103,7 +105,13 @@ def model_description(c: ml_collections.ConfigDict) -> dict[str, Any]:
     desc = {"model": "wan_dit" if c.stage == "pretrain_t2v" else "univigu", "wan": wan}
     if c.stage != "pretrain_t2v":
         desc["univigu"] = run_config.univigu_config(c).to_dict()
+    if c.optim.trainable == "lora":  # the checkpoints then hold adapters next to the frozen base
+        desc["lora"] = lora_config(c).to_dict()
     return json.loads(json.dumps(desc))  # tuples -> lists, as read back from JSON
+
+
+def lora_config(c: ml_collections.ConfigDict) -> lora.LoRAConfig:
+    return lora.LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))
 
 
 def _check_same_model(found: dict, expected: dict, where: Path) -> None:
@@ -123,7 +131,15 @@ def _check_same_model(found: dict, expected: dict, where: Path) -> None:
 
 def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
     """The stage's model, built straight into its shards (`jax.eval_shape` first, then a sharded init), then
-    initialised from `config.init` (scratch | wan | stage)."""
+    initialised from `config.init` (scratch | wan | stage); with `optim.trainable='lora'`, LoRA adapters are added
+    around the initialised (then frozen) weights."""
+    model = _create_base_model(c, mesh)
+    if c.optim.trainable == "lora":
+        lora.add_lora(model, lora_config(c), rngs=nnx.Rngs(c.seed + 2))
+    return model
+
+
+def _create_base_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
     check_init_source(c)  # before the (possibly large) init; the loop calls it even earlier, before its workdir
     wcfg, seed = run_config.wan_config(c), c.seed
     if c.stage == "pretrain_t2v":
@@ -140,7 +156,7 @@ def create_model(c: ml_collections.ConfigDict, mesh) -> nnx.Module:
         execution = {k: getattr(wcfg, k) for k in checkpoint.EXECUTION_FIELDS}
         architecture = {k: v for k, v in wcfg.to_dict().items() if k not in checkpoint.EXECUTION_FIELDS}
         try:
-            dit = checkpoint.load_pretrained(path, mesh=mesh, **execution, **architecture)
+            dit = checkpoint.load_pretrained(path, mesh=mesh, kind=checkpoint.WAN_DIT, **execution, **architecture)
         except checkpoint.CheckpointError as e:
             raise TrainingError(f"cannot initialise from {path}: {e}") from e
         target = model if c.stage == "pretrain_t2v" else model.dit
@@ -233,7 +249,18 @@ def _replicate_unplaced(module: nnx.Module, mesh) -> None:
     _update_from_pure_dict(module, state, placed)
 
 
+# What a training checkpoint holds of the model: its params and, with LoRA, the adapters.
+SAVED = nnx.Any(nnx.Param, lora.LoRAParam)
+TRAINABLE = ("all", "lora")
+
+
 def trainable_filter(c: ml_collections.ConfigDict):
+    if c.optim.trainable not in TRAINABLE:
+        raise TrainingError(f"config.optim.trainable={c.optim.trainable!r} is not one of {' | '.join(TRAINABLE)}")
+    if c.optim.trainable == "lora":
+        if c.optim.freeze_video:
+            raise TrainingError("config.optim.trainable='lora' trains adapters only; unset config.optim.freeze_video")
+        return lora.lora_filter
     if c.optim.freeze_video:
         if c.stage == "pretrain_t2v":
             raise TrainingError("config.optim.freeze_video needs a UniViGU stage (stage1 / stage2)")
@@ -258,6 +285,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------------------------- Setup ----
     check_init_source(c)
+    run_config.resolve_from_folder(c)  # the from_folder variant: the architecture of the init folder
     workdir_path = Path(workdir).absolute()
     workdir_path.mkdir(parents=True, exist_ok=True)
     description = model_description(c)
@@ -305,7 +333,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     rng = jax.random.key(c.seed)
     first_step = 0
     if (latest := mngr.latest_step()) is not None:
-        params, opt_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
+        params, opt_state = nnx.state(model, SAVED), nnx.state(optimizer)
         restored = mngr.restore(latest, args=ocp.args.Composite(
             # The RNG comes back as host data, uncommitted like a fresh run's key: committed to one device it could
             # not be used with a multi-device mesh.
@@ -321,7 +349,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     def save(step: int, force: bool = False) -> None:
         # The RNG key is the same on every process: saved as host numpy (a single-device jax.Array is "host local"
         # and Orbax refuses it in a multi-process save).
-        state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        state = {"params": nnx.to_pure_dict(nnx.state(model, SAVED)),
                  "opt": nnx.to_pure_dict(nnx.state(optimizer)), "rng": np.asarray(jax.random.key_data(rng))}
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                 data=grain.checkpoint.CheckpointSave(train_iter)), force=force)
@@ -384,17 +412,58 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     result: dict[str, Any] = {"step": step, "history": history, "stopped_early": stop["requested"],
                               "seconds": time.perf_counter() - t_start}
     if not stop["requested"]:
-        # The stage's model as a model folder: a Wan DiT after pretraining, a UniViGU after stages 1 and 2
-        # (`checkpoint.load_pretrained(WORKDIR/export)` gives it back). Every process writes its shards.
-        sub = checkpoint.kind_of(model).subfolder
-        export = checkpoint.save_pretrained(workdir_path / "export" / sub, model, overwrite=True,
-                                            source={"kind": f"uvigu {c.stage}", "workdir": str(workdir_path),
-                                                    "step": step})
-        result["export"] = str(export)
+        result["export"] = str(export(c, model, workdir_path, step))
         if c.eval_examples:
             result["eval"] = run_evaluation(c, model, data, writer, step, workdir_path)
     writer.flush()
     return result
+
+
+def export(c: ml_collections.ConfigDict, model: nnx.Module, workdir: Path, step: int) -> Path:
+    """WORKDIR/export: the stage's model as a model folder (a Wan DiT after pretraining, a UniViGU after stages 1
+    and 2; returned) and, when the run started from a converted release (a folder with pipeline.json, found along
+    the init chain), that release's vae/, umt5/, tokenizer/ and pipeline.json next to it, so that
+    `uvigu.pipeline.load(WORKDIR/export)`, `uvigu.caption` and `uvigu.generate` use it as it is. With LoRA the
+    adapters are written as export/lora.safetensors (diffusers/PEFT format) and merged into the exported weights.
+    Every process calls this (each writes its shards of the model)."""
+    out = workdir / "export"
+    if lora.has_lora(model):
+        adapters = lora.get_adapters(model)
+        if jax.process_index() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            lora_formats.save_lora(adapters, out / "lora.safetensors", "diffusers")
+        lora.remove_lora(model, merge=True)
+    path = checkpoint.save_pretrained(out / checkpoint.kind_of(model).subfolder, model, overwrite=True,
+                                      source={"kind": f"uvigu {c.stage}", "workdir": str(workdir), "step": step})
+    release = release_folder(c)
+    if release is not None:
+        for part in ("vae", "umt5", "tokenizer"):
+            with checkpoint.staged_folder(out / part, overwrite=True) as staging:
+                if jax.process_index() == 0:
+                    shutil.copytree(release / part, staging, dirs_exist_ok=True)
+        if jax.process_index() == 0:
+            atomic_files.write_text(out / PIPELINE_FILE, (release / PIPELINE_FILE).read_text())
+    return path
+
+
+PIPELINE_FILE = "pipeline.json"
+
+
+def release_folder(c: ml_collections.ConfigDict) -> Path | None:
+    """The converted release this run's weights come from (a folder with pipeline.json), following stage inits back
+    to the Wan folder stage 1 started from; None for the toy world or a bare DiT folder."""
+    kind, path = c.init.kind, c.init.path
+    for _ in range(16):  # a chain of stage workdirs, each pointing at its init
+        if kind == "wan":
+            for folder in (Path(path), Path(path).parent):
+                if (folder / PIPELINE_FILE).is_file():
+                    return folder
+            return None
+        if kind != "stage" or not (Path(path) / RUN_CONFIG_FILE).is_file():
+            return None
+        init = json.loads((Path(path) / RUN_CONFIG_FILE).read_text())["config"]["init"]
+        kind, path = init["kind"], init["path"]
+    return None
 
 
 def _restore_data_position(train_iter, folder: Path, step: int) -> None:
@@ -428,8 +497,12 @@ def run_evaluation(c, model, data, writer, step: int, workdir: Path) -> dict[str
     `eval/step_N.json`, scalars, and samples."""
     from uvigu import evaluate
 
-    report = evaluate.evaluate(c, model, data, workdir=workdir, step=step)
-    writer.write_scalars(step, evaluate.flat_scalars(report))
+    if data.codec is None:  # real latent shards: samples (MP4 + captions), no scorer
+        release = release_folder(c) or Path((data.manifest or {}).get("model", {}).get("path", ""))
+        report = evaluate.sample_real_data(c, model, data, release=release, workdir=workdir, step=step)
+    else:
+        report = evaluate.evaluate(c, model, data, workdir=workdir, step=step)
+        writer.write_scalars(step, evaluate.flat_scalars(report))
     if jax.process_index() == 0:
         (workdir / "eval").mkdir(exist_ok=True)
         atomic_files.write_text(workdir / "eval" / f"step_{step}.json", json.dumps(report, indent=2) + "\n")

@@ -69,27 +69,42 @@ def training_dataset(
 ) -> grain.IterDataset:
     """An endless stream of this process's share of each global batch.
 
-    Order: shuffle with `seed` (reshuffled every epoch), repeat; global batch s is examples [s·B, (s + 1)·B) of that
-    stream, and this process reads only its rows of it, the contiguous block [p·b, (p + 1)·b) with b = B / P, which is
-    what its devices hold of the global array (`to_global`: the batch axis sharded over the mesh's process-major
-    device order). So every process reads a disjoint slice, and the global batch (its rows, their order, hence every
-    per-row random draw) is the same whatever the process count.
+    `source`: one random-access source, or {bucket: source} for records of several shapes (latent buckets): every
+    global batch then comes from one bucket, drawn per step with probability ∝ its size (seeded, so the same on every
+    process and after a resume), and each bucket compiles the train step once.
+
+    Order: each bucket's examples shuffled with `seed` (reshuffled every epoch) and repeated; global batch s is rows
+    [s·B, (s + 1)·B) of its bucket's stream, and this process reads only its rows of it, the contiguous block
+    [p·b, (p + 1)·b) with b = B / P, which is what its devices hold of the global array (`to_global`: the batch axis
+    sharded over the mesh's process-major device order). So every process reads a disjoint slice, and the global
+    batch (its rows, their order, hence every per-row random draw) is the same whatever the process count. (With
+    several buckets, a bucket's stream advances with the step, not with its own draws: over an epoch each bucket is a
+    uniform random sample, not an exact permutation.)
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
-    if len(source) == 0:
-        raise ValueError("the training source has no examples")
-    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    sources = dict(source) if isinstance(source, Mapping) else {"": source}
+    empty = [name or "train" for name, s in sources.items() if len(s) == 0]
+    if empty:
+        raise ValueError(f"the training source has no examples ({', '.join(empty)})")
+    names = sorted(sources)
+    streams = [grain.MapDataset.source(sources[n]).shuffle(seed=seed + i).repeat(None) for i, n in enumerate(names)]
+    sizes = np.asarray([len(sources[n]) for n in names], np.float64)
     local = global_batch_size // process_count
     offset = process_index * local
 
-    def stream_index(i: int) -> int:
-        step, row = divmod(i, local)
-        return step * global_batch_size + offset + row
+    def bucket_of(step: int) -> int:
+        if len(names) == 1:
+            return 0
+        return int(np.random.default_rng([seed, step]).choice(len(names), p=sizes / sizes.sum()))
 
-    ds = grain.MapDataset.range(len(stream) // global_batch_size * local).map(lambda i: stream[stream_index(i)])
+    def example(i: int):
+        step, row = divmod(i, local)
+        return streams[bucket_of(step)][step * global_batch_size + offset + row]
+
+    ds = grain.MapDataset.range(len(streams[0]) // global_batch_size * local).map(example)
     ds = ds.map(SelectTrainingFields(target, loss_on_padding))
     ds = ds.batch(local, drop_remainder=True)
     return ds.to_iter_dataset()
@@ -124,8 +139,9 @@ class Datasets:
     test: Any
     tokenizer: Any
     codec: Any
-    latent_shape: tuple[int, ...]  # [T, h, w, C] of one example
+    latent_shape: tuple[int, ...]  # [T, h, w, C] of one example (of the first bucket)
     context_shape: tuple[int, ...]  # [S_c, G]
+    manifest: dict | None = None  # the shard set's manifest (model folder, codec, buckets, counts)
 
     @property
     def null_context(self) -> np.ndarray:
