@@ -517,6 +517,17 @@ def test_missing_init_checkpoint(world, tmp_path, kind):
     assert not (tmp_path / "run").exists()  # checked before anything is written
 
 
+def test_card_command_on_a_fresh_clone_says_what_to_run_first(tmp_path):
+    """`python -m uvigu.main --config=configs/stage1.py` with no toy generator yet: no traceback, no workdir, and the
+    one command to run first."""
+    proc = subprocess.run([sys.executable, "-m", "uvigu.main", f"--config={REPO / 'configs' / 'stage1.py'}",
+                           f"--workdir={tmp_path / 'stage1'}"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "configs/pretrain_t2v.py --workdir=runs/pretrain_t2v` first" in proc.stderr
+    assert not (tmp_path / "stage1").exists()
+
+
 def test_unknown_init_kind(world, tmp_path):
     c = tiny_config("stage1", world, init__kind="hub", init__path=str(tmp_path))
     with pytest.raises(train.TrainingError, match=re.escape("init.kind='hub' is not one of scratch | wan | stage")):

@@ -7,6 +7,7 @@ or given with `--coordinator_address --num_processes --process_id`); every host 
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -30,7 +31,11 @@ def main(argv):
     logging.info("JAX process %d / %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     from uvigu import train  # after jax.distributed: nothing may touch the backend before it
 
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.TrainingError as e:  # a run that cannot start as configured: the message says what to do
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
     summary = {k: result[k] for k in ("step", "stopped_early", "seconds", "export") if k in result}
     logging.info("done: %s", json.dumps(summary))
 

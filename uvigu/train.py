@@ -194,7 +194,11 @@ def check_init_source(c: ml_collections.ConfigDict) -> None:
     if not path:
         raise TrainingError(f"config.init.kind={kind!r} needs config.init.path")
     if kind == "wan" and not Path(path).exists():
-        raise TrainingError(f"init checkpoint {path} does not exist (config.init.path)")
+        hint = ""
+        if c.variant == "tiny" and c.stage == "stage1":  # the card's command on a fresh clone: say what comes first
+            hint = ("; stage 1 starts from the toy generator: run `python -m uvigu.main --config=configs/pretrain_t2v.py "
+                    f"--workdir={Path(path).parent.parent}` first (or `make demo` for all three stages)")
+        raise TrainingError(f"init checkpoint {path} does not exist (config.init.path){hint}")
     if kind == "stage" and not (Path(path) / RUN_CONFIG_FILE).exists():
         raise TrainingError(f"init workdir {path} has no {RUN_CONFIG_FILE} (config.init.path)")
 
