@@ -43,6 +43,9 @@ setup(
             "transformers>=5.23,<5.24",
             "safetensors",
             "sentencepiece",
+            "nbclient",  # runs experiments/notebooks/uvigu_demo.ipynb as a test
+            "nbformat",
+            "ipykernel",
             "peft",  # LoRA parity against diffusers + PEFT
             "accelerate",  # peft needs it
             "pytest",

@@ -305,3 +305,122 @@ def test_other_errors_are_not_swallowed(fake, model, tmp_path, capsys, monkeypat
     with pytest.raises(ZeroDivisionError):
         generate.main(["--model", str(model), "--prompt", "a", "--out", str(tmp_path / "clip.mp4")])
     assert not (tmp_path / "clip.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --lora FILE --lora_scale S: checked before loading, merged into the loaded model.
+# ---------------------------------------------------------------------------------------------------------------------
+
+LORA_LAYERS, LORA_DIM, LORA_FFN = 2, 24, 32  # tests/tiny_release.py's transformer: dim 24, ffn 32, 2 layers
+LORA_TARGETS = {"attn1.to_q": (LORA_DIM, LORA_DIM), "attn1.to_v": (LORA_DIM, LORA_DIM),
+                "attn1.to_out.0": (LORA_DIM, LORA_DIM), "attn2.to_k": (LORA_DIM, LORA_DIM),
+                "ffn.net.0.proj": (LORA_DIM, LORA_FFN), "ffn.net.2": (LORA_FFN, LORA_DIM)}
+
+
+def random_adapters(seed=0, rank=4, alpha=2.0, std=0.5):
+    """Random rank-4 adapters (α = 2, so scale 0.5) on attention and FFN Linears of every block, both factors
+    non-zero (a trained LoRA, not a fresh one whose B is zero)."""
+    from uvigu.models.lora import LoRAWeight
+
+    rng = np.random.default_rng(seed)
+    return {f"blocks.{n}.{t}": LoRAWeight(rng.normal(0, std, (i, rank)).astype(np.float32),
+                                          rng.normal(0, std, (rank, o)).astype(np.float32), alpha)
+            for n in range(LORA_LAYERS) for t, (i, o) in LORA_TARGETS.items()}
+
+
+@pytest.fixture
+def lora_file(tmp_path):
+    from uvigu.models import lora_formats
+
+    return lora_formats.save_lora(random_adapters(), tmp_path / "style.safetensors", "diffusers")
+
+
+def test_lora_arguments_are_checked_before_loading(fake, model, lora_file, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "clip.mp4"
+    base = ["--model", model, "--prompt", "a fox", "--out", out]
+    (tmp_path / "notes.txt").write_text("not a lora")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    save_file({"blocks.0.attn1.to_q.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "full.safetensors"))
+    (tmp_path / "empty_dir").mkdir()
+    cases = [
+        (["--lora", tmp_path / "none.safetensors"], r"--lora '.*none\.safetensors': no such file"),
+        (["--lora", tmp_path / "notes.txt"], r"--lora '.*notes\.txt': .*only \.safetensors"),
+        (["--lora", tmp_path / "junk.safetensors"], r"--lora '.*junk\.safetensors': cannot read LoRA file"),
+        (["--lora", tmp_path / "full.safetensors"], r"--lora '.*full\.safetensors': .*not a lora_A"),
+        (["--lora", tmp_path / "empty_dir"], r"--lora '.*empty_dir': .*holds neither adapter_model"),
+        (["--lora_scale", "0.5"], r"--lora_scale needs --lora"),
+        (["--lora", lora_file, "--lora_scale", "nan"], r"--lora_scale must be a finite number"),
+    ]
+    for extra, message in cases:
+        code, _, err = run(generate.main, [*base, *extra], capsys)
+        assert code == 2, (extra, err)
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), (extra, err)
+    assert fake.loads == [] and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    """A tiny random diffusers Wan2.1 release converted to a uvigu folder, with small sampling defaults."""
+    import json
+
+    import torch
+
+    import tiny_release as tr
+    from tools.convert_wan_weights.cli import main as convert_main
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("lora-release")
+    tr.save_diffusers(tr.build_tiny_pipeline("unipc"), root / "src")
+    assert convert_main(["--src", str(root / "src"), "--dst", str(root / "wan")]) == 0
+    meta = json.loads((root / "wan" / "pipeline.json").read_text())
+    meta["defaults"].update(num_frames=5, height=32, width=32, num_inference_steps=2)
+    (root / "wan" / "pipeline.json").write_text(json.dumps(meta))
+    return root / "wan"
+
+
+def test_generate_with_lora_equals_merging_by_hand(tiny_wan, lora_file, tmp_path, capsys, monkeypatch):
+    """`--lora F --lora_scale 0.7` writes the frames of a pipeline whose model had `merge_lora(model, adapters, 0.7)`
+    applied by hand, and they differ from the base model's."""
+    from reference import rel_err
+
+    from uvigu import pipeline as uvigu_pipeline
+    from uvigu.models import lora, lora_formats
+
+    written = []
+    write = V.write_video
+
+    def recording(path, frames, **kw):  # the exact float frames, before H.264 rounds them
+        written.append(np.array(frames))
+        return write(path, frames, **kw)
+
+    monkeypatch.setattr(generate.video_io, "write_video", recording)
+    out = tmp_path / "clip.mp4"
+    prompt = "a red circle moves left across a dark background"
+    code, _, err = run(generate.main, ["--model", tiny_wan, "--prompt", prompt, "--out", out, "--seed", "1",
+                                       "--lora", lora_file, "--lora_scale", "0.7"], capsys)
+    assert code == 0, err
+    assert "merged 12 LoRA adapter(s) (diffusers layout)" in err and "scale 0.7" in err
+    assert len(written) == 1 and V.read_video(out, fps=16).shape == (5, 32, 32, 3)
+
+    pipe = uvigu_pipeline.load(tiny_wan)
+    base = pipe.t2v(prompt, seed=1)[0]
+    adapters, fmt = lora_formats.load_lora(lora_file)
+    assert fmt == "diffusers" and sorted(adapters) == sorted(random_adapters())
+    lora.merge_lora(pipe.model, adapters, 0.7)
+    by_hand = pipe.t2v(prompt, seed=1)[0]
+    assert rel_err(written[0], by_hand) < 1e-6, rel_err(written[0], by_hand)
+    assert rel_err(by_hand, base) > 1e-2, rel_err(by_hand, base)  # the LoRA changed the video
+
+    # An adapter the model does not have (layer 5 of 2; a wrong shape): exit 2 after loading, nothing written.
+    from uvigu.models.lora import LoRAWeight
+
+    bad = {"blocks.5.attn1.to_q": LoRAWeight(np.ones((24, 2), np.float32), np.ones((2, 24), np.float32), 2.0),
+           "blocks.0.ffn.net.2": LoRAWeight(np.ones((24, 2), np.float32), np.ones((2, 24), np.float32), 2.0)}
+    bad_file = lora_formats.save_lora(bad, tmp_path / "other_model.safetensors", "musubi")
+    out2 = tmp_path / "clip2.mp4"
+    code, _, err = run(generate.main, ["--model", tiny_wan, "--prompt", prompt, "--out", out2, "--lora", bad_file],
+                       capsys)
+    assert code == 2 and "does not fit the model" in err and "blocks.5.attn1.to_q" in err, err
+    assert "wrong shape" in err and "blocks.0.ffn.net.2" in err and not out2.exists()

@@ -3,11 +3,19 @@
     python -m uvigu.generate --model DST --prompt "a red fox runs through snow" --out fox.mp4
     python -m uvigu.generate --model DST --prompts prompts.txt --out clips/clip.mp4   # clip_000.mp4, clip_001.mp4 ...
     python -m uvigu.generate --model DST --prompt "..." --mode joint --out clip.gif   # + clip.txt, caption printed
+    python -m uvigu.generate --model DST --prompt "..." --out fox.mp4 --lora style.safetensors --lora_scale 0.8
 
 Every argument is checked before the model loads (frames 4n+1, height/width multiples of 16, the output extension,
-the prompt file, the model folder), so a bad command fails in a second with one line on stderr and exit code 2, and
-leaves no output file. Sizes, steps, guidance, shift and solver default to the model folder's (`pipe.defaults`).
-The output format follows --out's extension: `.mp4` (H.264) or `.gif`, at the folder's fps (16 for Wan2.1).
+the prompt file, the model folder, the LoRA file), so a bad command fails in a second with one line on stderr and
+exit code 2, and leaves no output file. Sizes, steps, guidance, shift and solver default to the model folder's
+(`pipe.defaults`). The output format follows --out's extension: `.mp4` (H.264) or `.gif`, at the folder's fps (16
+for Wan2.1).
+
+`--lora FILE` (a `.safetensors` file in the diffusers/PEFT, original or musubi-tuner layout, or a folder holding PEFT's
+`adapter_model.safetensors` / diffusers' `pytorch_lora_weights.safetensors`) is read before the model loads, then
+merged into the loaded denoiser (`pipe.model`, a WanDiT or a UniViGU) as W + s·(α/r)·A·B with s = `--lora_scale`
+(default 1.0): sampling then costs what it costs without a LoRA. An adapter that names no Linear of the model, or
+has the wrong shape, is an error (exit 2), never a silently skipped module.
 
 This module imports neither JAX models nor the pipeline at import time: `--help` and argument errors stay fast.
 `ProgressBar`, `parse_mesh`, `CliError` and `run_main` are shared with `uvigu.caption`.
@@ -196,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="t2v: video only; joint: video and caption together (Uni-ViGU folders), the caption written "
                         "next to the video as OUT with suffix .txt and printed.")
     p.add_argument("--batch", type=int, default=1, help="Prompts per pipeline call with --prompts (default 1).")
+    p.add_argument("--lora", default=None,
+                   help="A LoRA .safetensors file (diffusers/PEFT, original or musubi-tuner layout; or a folder "
+                        "with adapter_model.safetensors / pytorch_lora_weights.safetensors), merged into the model "
+                        "at load.")
+    p.add_argument("--lora_scale", type=float, default=None,
+                   help="Strength of --lora: W + scale * (alpha / rank) * A B (default 1.0).")
     return p
 
 
@@ -217,6 +231,35 @@ def output_paths(out: Path, count: int, numbered: bool) -> list[Path]:
     if not numbered:
         return [out]
     return [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(count)]
+
+
+def read_lora(path: str, scale: float | None):
+    """(adapters, layout, scale) of `--lora`, read and checked before any model loads (lora_formats pulls in JAX,
+    so it is imported only when a LoRA is given)."""
+    if scale is not None and not math.isfinite(scale):
+        raise CliError(f"--lora_scale must be a finite number, got {scale}")
+    file = Path(path)
+    if not file.exists():
+        raise CliError(f"--lora {path!r}: no such file")
+    from uvigu.models import lora_formats
+
+    try:
+        adapters, fmt = lora_formats.load_lora(file)
+    except (OSError, ValueError) as e:  # FileNotFoundError (a folder without weights) is an OSError
+        raise CliError(f"--lora {path!r}: {e}") from e
+    if not adapters:
+        raise CliError(f"--lora {path!r}: holds no LoRA adapters")
+    return adapters, fmt, 1.0 if scale is None else scale
+
+
+def merge_into(pipe, lora_file: str, adapters, scale: float) -> None:
+    """Folds the adapters into the pipeline's denoiser in place; a mismatch with the model is a CliError."""
+    from uvigu.models import lora
+
+    try:
+        lora.merge_lora(pipe.model, adapters, scale)
+    except ValueError as e:
+        raise CliError(f"--lora {lora_file!r} does not fit the model: {e}") from e
 
 
 def validate(args) -> tuple[Path, list[str], list[Path], dict[str, int] | None]:
@@ -250,6 +293,8 @@ def validate(args) -> tuple[Path, list[str], list[Path], dict[str, int] | None]:
         raise CliError(f"--batch must be >= 1, got {args.batch}")
     if args.mode == "joint" and args.negative_prompt:
         raise CliError("--negative_prompt applies to --mode t2v only")
+    if args.lora is None and args.lora_scale is not None:
+        raise CliError("--lora_scale needs --lora")
     mesh_shape = parse_mesh(args.mesh)
     model = check_model_folder(args.model)
     return model, prompts, output_paths(out, len(prompts), args.prompts is not None), mesh_shape
@@ -261,6 +306,7 @@ def _default(value, defaults, name, fallback=None):
 
 def _generate(args) -> int:
     model, prompts, outs, mesh_shape = validate(args)
+    lora_adapters = read_lora(args.lora, args.lora_scale) if args.lora is not None else None
     pipe = load_pipeline(model, args.dtype, mesh_shape)
     d = pipe.defaults
     frames = _default(args.frames, d, "num_frames")
@@ -276,6 +322,11 @@ def _generate(args) -> int:
                     shift=_default(args.shift, d, "shift"), solver=_default(args.solver, d, "solver"), seed=args.seed)
     if args.mode == "joint" and getattr(pipe, "kind", None) == "wan":
         raise CliError(f"--mode joint needs a Uni-ViGU model; {str(model)!r} is a Wan2.1 (video-only) folder")
+    if lora_adapters is not None:
+        adapters, fmt, scale = lora_adapters
+        merge_into(pipe, args.lora, adapters, scale)
+        print(f"merged {len(adapters)} LoRA adapter(s) ({fmt} layout) from {args.lora} at scale {scale:g}",
+              file=sys.stderr)
     for start in range(0, len(prompts), args.batch):
         chunk, chunk_outs = prompts[start:start + args.batch], outs[start:start + args.batch]
         what = f"video {start + 1}-{start + len(chunk)}/{len(prompts)}" if len(prompts) > 1 else "video"
