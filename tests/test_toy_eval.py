@@ -115,3 +115,27 @@ def test_chance_levels_and_json(tmp_path):
     path = toy_metrics.write_metrics(tmp_path / "eval" / "metrics.json", report)
     assert json.loads(path.read_text()) == report
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_caption_scorer_gives_truth_one_and_shuffled_captions_chance():
+    # A wrong scorer (one reading the wrong attribute, or scoring everything right) fails one of the two halves.
+    scenes = world.split_scenes(SPEC, "train")[:2000]
+    truth = [s.attributes for s in scenes]
+    captions = [world.caption_text(s) for s in scenes]
+    exact = toy_metrics.caption_accuracy(captions, truth)
+    assert exact == {**dict.fromkeys(world.ATTRIBUTES, 1.0), "exact_match": 1.0, "count": len(scenes)}
+    shuffled = [captions[i] for i in np.random.default_rng(0).permutation(len(captions))]
+    got = toy_metrics.caption_accuracy(shuffled, truth)
+    chance = toy_metrics.chance_levels()
+    for name in world.ATTRIBUTES:
+        # A shuffled caption matches with probability sum_v p_v^2 (= 1/k for uniform values): near chance.
+        values = [t[name] for t in truth]
+        expected = sum((values.count(v) / len(values)) ** 2 for v in set(values))
+        assert abs(got[name] - expected) < 0.04, (name, got[name], expected)
+        if name != "position":  # chance_levels' position (1/3) is per motion axis; unconditioned it is ~0.22
+            assert abs(got[name] - chance[name]) < 0.1, (name, got[name], chance[name])
+    assert got["exact_match"] < 0.02
+    # Prompts score 1.0 on their own attributes only.
+    prompts = toy_metrics.caption_accuracy([world.prompt_text(s) for s in scenes], truth,
+                                           attributes=world.PROMPT_ATTRIBUTES)
+    assert all(prompts[name] == 1.0 for name in world.PROMPT_ATTRIBUTES)

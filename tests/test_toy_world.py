@@ -241,19 +241,43 @@ def test_cache_is_reused_and_rebuilt_on_change(tmp_path):
     key = paths.read_manifest()["key"]
 
     rebuilt = build_toy_world(tmp_path, dataclasses.replace(SMALL, seed=3), None, encoder, "stub-0")
-    assert encoder.calls == 2 and rebuilt.root == paths.root
+    assert encoder.calls == 2 and rebuilt.root != paths.root  # a new version folder, never rebuilt in place
+    assert (tmp_path / "toy_world").resolve() == rebuilt.root and rebuilt.root.parent == paths.root.parent
     assert rebuilt.read_manifest()["spec"]["seed"] == 3 and rebuilt.read_manifest()["key"] != key
     context = ToyWorldSource(rebuilt, "test")[0]["context"]
     reencoded = build_toy_world(tmp_path, dataclasses.replace(SMALL, seed=3), None, StubEncoder(1), "stub-1")
     assert reencoded.read_manifest()["encoder_id"] == "stub-1"
     assert not np.array_equal(ToyWorldSource(reencoded, "test")[0]["context"], context)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".toy_world.") and p.suffix != ".lock"] == []
+    # No reader is open on the older versions: each build swept them; only the current one is left.
+    assert [p for p in (tmp_path / "toy_world.versions").iterdir() if not p.name.startswith(".")] == \
+        [reencoded.root]
 
     # A damaged cache (a shard of the wrong size) is rebuilt, not reused.
     victim = reencoded.shards["train"][1]
     victim.write_bytes(victim.read_bytes()[:100])
     repaired = build_toy_world(tmp_path, dataclasses.replace(SMALL, seed=3), None, StubEncoder(1), "stub-1")
     assert len(ToyWorldSource(repaired, "train")) == SMALL.num_train
+
+
+def test_rebuild_never_pulls_files_from_under_an_open_reader(tmp_path):
+    first = build_toy_world(tmp_path, SMALL, None, StubEncoder(0), "stub-0")
+    reader = ToyWorldSource(first, "train")  # opened; its shard files are not opened yet (lazily, per shard)
+    want = [reader[i]["caption"] for i in (0, 40, 95)]
+    later = ToyWorldSource(first, "validation")
+    rebuilt = build_toy_world(tmp_path, dataclasses.replace(SMALL, seed=5), None, StubEncoder(0), "stub-0")
+    assert rebuilt.root != first.root and first.root.exists()  # the open readers' version is kept
+    assert [reader[i]["caption"] for i in (0, 40, 95)] == want
+    assert later[0]["index"] == 0 and later[0]["caption"] == world.caption_text(
+        world.split_scenes(SMALL, "validation")[0])  # first read after the rebuild: still the old world's files
+    assert ToyWorldSource(rebuilt, "train")[0]["caption"] != want[0]
+    # Once its readers are gone, the next build removes the old version.
+    del reader, later
+    import gc
+
+    gc.collect()
+    build_toy_world(tmp_path, SMALL, None, StubEncoder(0), "stub-0")
+    assert not first.root.exists() and not rebuilt.root.exists()
 
 
 def _copy_world(built, tmp_path) -> ToyWorldPaths:
@@ -346,5 +370,60 @@ def test_tfds_data_source_reads_the_world(built):
             for name in ("latents", "context", "prompt_ids", "prompt_mask", "caption_ids", "caption_mask"):
                 np.testing.assert_array_equal(a[name], b[name])
             assert a["caption"].decode() == b["caption"] and json.loads(a["attributes"]) == b["attributes"]
-    if importlib.util.find_spec("tensorflow") is None:
-        assert "tensorflow" not in sys.modules  # the whole path ran without TensorFlow
+
+
+_WITHOUT_TF = """
+import sys
+
+from importlib.machinery import PathFinder
+
+_find_spec = PathFinder.find_spec.__func__
+
+
+def _without_tensorflow(cls, name, path=None, target=None):  # as if not installed: no finder finds it
+    if name == "tensorflow" or name.startswith("tensorflow."):
+        return None
+    return _find_spec(cls, name, path, target)
+
+
+PathFinder.find_spec = classmethod(_without_tensorflow)
+try:
+    import tensorflow  # noqa: F401
+    raise SystemExit("tensorflow was not blocked")
+except ImportError:
+    pass
+
+import json
+import numpy as np
+import tensorflow_datasets as tfds
+from uvigu.data import world
+from uvigu.data.toy_world import ToyWorldPaths, ToyWorldSource
+from uvigu.data.toy_world_tfds import export_tfds
+
+paths = ToyWorldPaths.from_root(sys.argv[1])
+data_dir = export_tfds(paths, sys.argv[2])
+sources = tfds.data_source("uvigu_toy_world", data_dir=str(data_dir))
+for split in world.SPLITS:
+    ours, theirs = ToyWorldSource(paths, split), sources[split]
+    assert len(theirs) == len(ours)
+    a, b = theirs[len(ours) - 1], ours[len(ours) - 1]
+    np.testing.assert_array_equal(a["latents"], b["latents"])
+    assert a["caption"].decode() == b["caption"] and json.loads(a["attributes"]) == b["attributes"]
+assert not [m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow.")], "tensorflow was imported"
+print("OK without tensorflow")
+"""
+
+
+def test_tfds_path_runs_without_tensorflow(built, tmp_path):
+    # TensorFlow is installed here, so "works without TensorFlow" is checked in a child where it cannot be imported.
+    pytest.importorskip("tensorflow_datasets")
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TF, str(built.root), str(tmp_path / "tfds")], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK without tensorflow" in proc.stdout, proc.stderr[-3000:]

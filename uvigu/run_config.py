@@ -51,6 +51,8 @@ def common(stage: str, variant: str) -> ml_collections.ConfigDict:
     c.stage = stage
     c.variant = variant
     c.seed = 0
+    # A resume whose stage, init or data differ from the workdir's run_config.json is refused unless this is set.
+    c.allow_config_change = False
 
     # ---- model: bf16 compute, fp32 master weights, remat by name ----
     # (from_folder: a placeholder architecture, replaced by the init folder's at the start of the run)

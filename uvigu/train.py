@@ -37,6 +37,7 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 
 from uvigu import atomic_files, checkpoint, flow, run_config, run_data, sharding
+from uvigu import workdir as workdir_lib
 from uvigu.data import pipeline
 from uvigu.models import lora, lora_formats
 from uvigu.models.univigu import UniViGU, text_params
@@ -238,7 +239,9 @@ def make_optimizer(c: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optim
         raise TrainingError(f"config.optim.schedule={o.schedule!r} is not cosine | constant")
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
                      optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=5)
+    # Never applies a non-finite update (optax gives up after max_consecutive_errors): the loop stops the run at the
+    # first non-finite step it checks (every log and every save), so NaN never reaches the params.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
     return nnx.Optimizer(model, tx, wrt=trainable_filter(c))
 
 
@@ -288,17 +291,22 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
 def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------------------------- Setup ----
+    try:
+        run_config.validate(c)  # every value, before a workdir, dataset or model exists
+    except run_config.ConfigError as e:
+        raise TrainingError(str(e)) from None
     check_init_source(c)
     run_config.resolve_from_folder(c)  # the from_folder variant: the architecture of the init folder
     workdir_path = Path(workdir).absolute()
     workdir_path.mkdir(parents=True, exist_ok=True)
     description = model_description(c)
-    run_file = workdir_path / RUN_CONFIG_FILE
-    if run_file.exists():
-        _check_same_model(json.loads(run_file.read_text())["model"], description, workdir_path)
-    elif jax.process_index() == 0:
-        atomic_files.write_text(run_file, json.dumps({"model": description, "config": json.loads(c.to_json_best_effort())},
-                                               indent=2) + "\n")
+    try:  # one run at a time; the same model, stage, init and data as the workdir's run (a new workdir: written)
+        cleanup.enter_context(workdir_lib.lock(workdir_path, enabled=jax.process_index() == 0))
+        workdir_lib.check_run_config(workdir_path, description, json.loads(c.to_json_best_effort()),
+                                     allow_change=bool(c.allow_config_change),
+                                     write=jax.process_index() == 0)
+    except workdir_lib.WorkdirError as e:
+        raise TrainingError(str(e)) from None
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     cleanup.callback(signal.signal, signal.SIGTERM, previous_handler)
@@ -336,14 +344,24 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     cleanup.callback(mngr.close)  # waits for saves in flight
     rng = jax.random.key(c.seed)
     first_step = 0
-    if (latest := mngr.latest_step()) is not None:
+    def restore_step(step: int):
         params, opt_state = nnx.state(model, SAVED), nnx.state(optimizer)
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            # The RNG comes back as host data, uncommitted like a fresh run's key: committed to one device it could
-            # not be used with a multi-device mesh.
+        restored = mngr.restore(step, args=ocp.args.Composite(
             state=_restore_into({"params": _abstract(params), "opt": _abstract(opt_state),
                                  "rng": np.asarray(jax.random.key_data(rng))})))
-        _restore_data_position(train_iter, workdir_path / "checkpoints" / str(latest) / "data", latest)
+        _restore_data_position(train_iter, workdir_path / "checkpoints" / str(step) / "data", step)
+        return params, opt_state, restored
+
+    # A step that does not restore (a truncated file) is moved to checkpoints.broken/ with a warning, and the one
+    # before it is used; none intact is an error. The manager is reloaded so it no longer lists a moved step.
+    found = workdir_lib.restore_latest_intact(workdir_path / "checkpoints", restore_step,
+                                              move_broken=jax.process_index() == 0)
+    if found is not None and found[0] != mngr.latest_step():
+        mngr.reload()
+    if found is not None:
+        latest, (params, opt_state, restored) = found
+        # (The RNG comes back as host data, uncommitted like a fresh run's key: committed to one device it could
+        # not be used with a multi-device mesh.)
         _update_from_pure_dict(model, params, restored["state"]["params"])
         _update_from_pure_dict(optimizer, opt_state, restored["state"]["opt"])
         rng = jax.random.wrap_key_data(jnp.asarray(restored["state"]["rng"]))
@@ -395,11 +413,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
             rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
             pending.clear()
             history += rows
-            if not all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows):
-                i = next(i for i, r in enumerate(rows) if not math.isfinite(r["loss"] + r["grad_norm"]))
-                bad = step - len(rows) + 1 + i  # rows hold steps step - len(rows) + 1 .. step
-                raise FloatingPointError(f"non-finite loss or gradient norm at step {bad} (updates were skipped); "
-                                         f"its metrics {rows[i]}")
+            workdir_lib.check_finite(rows, step)  # rows hold steps step - len(rows) + 1 .. step
             writer.write_scalars(step, {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]})
         if _any_process(stop["requested"]):
             stop["requested"] = True
@@ -407,6 +421,9 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
             save(step, force=True)
             break
         if step % c.ckpt_every == 0 or step == c.total_steps:
+            # Never save NaN: the steps since the last log are checked here too (ckpt_every need not be a multiple
+            # of log_every).
+            workdir_lib.check_finite([{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)], step)
             save(step)
         if c.eval_every and step % c.eval_every == 0 and step < c.total_steps:
             run_evaluation(c, model, data, writer, step, workdir_path)

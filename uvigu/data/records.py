@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -51,6 +52,10 @@ RECORD_MAGIC = b"UVTW"
 # random access wants); zstd shrinks the mostly flat latents several-fold.
 WRITER_OPTIONS = "group_size:1,zstd:3"
 MANIFEST_FILE = "manifest.json"
+# In a versioned shard set (the toy world's `toy_world.versions/<version>/`): every open ShardSource holds a shared
+# flock on this file, and a builder deletes an old version only when it can take the lock exclusively, so a rebuild
+# never removes files under a reader that is still open.
+READERS_LOCK = ".readers.lock"
 SPLITS = ("train", "validation", "test")
 TOY_WORLD_FORMAT = "uvigu-toy-world"
 SHARDS_FORMAT = "uvigu-shards"
@@ -324,6 +329,7 @@ class ShardSource:
                     f"records {first}..{end - 1} of split {split!r} cannot be trusted", path=shard_path, record=first)
         self._readers: list[Any] = [None] * len(self._files)
         self._lock = threading.Lock()
+        self._hold = _hold_version(self.root)
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -335,12 +341,13 @@ class ShardSource:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_readers"] = [None] * len(self._files)
-        del state["_lock"]
+        del state["_lock"], state["_hold"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._hold = _hold_version(self.root)
 
     def _reader(self, shard: int, record: int, position: int):
         if self._readers[shard] is not None:
@@ -384,3 +391,15 @@ class ShardSource:
             raise CorruptShardError(f"{where} holds example {example.get('index')}, the manifest says {expected} "
                                     "(shards out of order?)", path=path, record=index)
         return example
+
+
+def _hold_version(root: Path):
+    """A shared flock on `root`'s READERS_LOCK (None where the shard set has none): held as long as the returned file
+    is open, i.e. as long as the ShardSource lives (a grain worker's copy takes its own)."""
+    path = Path(root) / READERS_LOCK
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    fcntl.flock(f, fcntl.LOCK_SH)
+    return f

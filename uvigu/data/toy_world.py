@@ -20,8 +20,11 @@ Layout of `<cache_dir>/toy_world/`: `manifest.json` (format, cache key, spec, en
 shapes, and per split the shard files with their record counts, sizes and sha256), `tokenizer.model`, and
 `<split>.array_record-0000k-of-0000n`. The cache key hashes the spec (with the generator version), the tokenizer and
 the encoder id: a build whose key matches (and whose files are all there at their recorded sizes) is reused, any
-other is rebuilt in a temporary directory and swapped in by rename, under a file lock, so concurrent processes (say the
-processes of a multi-process run on one machine) build once and a reader never sees half a world.
+other is built, under a file lock (concurrent processes, say those of a multi-process run on one machine, build once),
+into a new version folder `<cache_dir>/toy_world.versions/<key16>-<time>-<id>/`, and `<cache_dir>/toy_world`, a
+symlink, is switched to it in one rename. Nothing is rebuilt in place: the paths a build returns are the version
+folder's, so a reader opened before a rebuild keeps reading its own files; an old version is deleted only once no
+open `ShardSource` holds it (each holds a shared flock on its `.readers.lock`), else by a later build.
 
 Shape letters: T/h/w latent grid, C latent channels, S_p/S_cap prompt/caption tokens, S_c/G context tokens/width.
 """
@@ -56,6 +59,7 @@ FORMAT = records.TOY_WORLD_FORMAT
 FORMAT_VERSION = records.FORMATS[FORMAT]
 TOKENIZER_FILE = "tokenizer.model"
 ROOT_NAME = "toy_world"
+VERSIONS_NAME = "toy_world.versions"
 # Rows per encoder call; the last call is padded to the same size so a jitted encoder compiles once.
 ENCODER_BATCH = 64
 RENDER_BATCH = 64
@@ -161,28 +165,62 @@ def build_toy_world(
         tokenizer = build_tokenizer(cache_dir, spec)
     key = cache_key(spec, tokenizer, encoder_id)
     root = cache_dir / ROOT_NAME
+    versions = cache_dir / VERSIONS_NAME
     with _locked(cache_dir):
         reason = "rebuild requested" if rebuild else _stale_reason(root, key)
         if reason is None:
-            return ToyWorldPaths.from_root(root)
+            return ToyWorldPaths.from_root(root.resolve())
         log.info("building the toy world in %s (%s)", root, reason)
-        for leftover in cache_dir.glob(f".{ROOT_NAME}.*-*"):  # from a build that crashed; we hold the lock
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = cache_dir / f".{ROOT_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        versions.mkdir(exist_ok=True)
+        for leftover in [*cache_dir.glob(f".{ROOT_NAME}.*-*"), *versions.glob(".tmp-*")]:  # crashed builds; we
+            shutil.rmtree(leftover, ignore_errors=True)  # hold the lock
+        tmp = versions / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             _write_world(tmp, spec, tokenizer, encode_prompts, encoder_id, key)
-            if root.exists():
-                old = cache_dir / f".{ROOT_NAME}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                root.rename(old)
-                tmp.rename(root)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(root)
+            (tmp / records.READERS_LOCK).touch()
+            version = versions / f"{key[:16]}-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            tmp.rename(version)
+            _point(root, version)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return ToyWorldPaths.from_root(root)
+        _sweep_old_versions(versions, keep=version)
+    return ToyWorldPaths.from_root(version)
+
+
+def _point(root: Path, version: Path) -> None:
+    """Makes `root` a symlink to `version` in one step (a new link renamed over the old one): a reader resolving
+    `root` sees the old version or the new one, whole. A pre-versioning world (a real folder) is moved aside first."""
+    if root.exists() and not root.is_symlink():
+        root.rename(version.parent / f"legacy-{uuid.uuid4().hex[:8]}")
+    link = root.parent / f".{ROOT_NAME}.link-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    link.symlink_to(os.path.relpath(version, root.parent))
+    os.replace(link, root)
+
+
+def _sweep_old_versions(versions: Path, keep: Path) -> None:
+    """Deletes the versions other than `keep` that no open reader holds (see records.READERS_LOCK); a held one stays
+    for a later build to sweep."""
+    for old in versions.iterdir():
+        if old == keep or old.name.startswith("."):
+            continue
+        lock_path = old / records.READERS_LOCK
+        try:
+            f = open(lock_path, "rb")
+        except FileNotFoundError:  # a legacy folder: readers of it never registered, but they resolved the old root
+            f = None
+        try:
+            if f is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("keeping old toy-world version %s: a reader still has it open", old)
+                    continue
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if f is not None:
+                f.close()
 
 
 def _encode_contexts(prompts: list[str], tokenizer: SentencePieceTokenizer, spec: WorldSpec,
