@@ -20,6 +20,26 @@ For a UniViGU the prompt's own tokens are also fed as clean text (τ_t = 1), as 
 Captioning (V2T) holds the VAE-encoded video clean and integrates the text from the flow's source with the null
 (zero) context; joint generation integrates both on one τ grid.
 
+Conventions (`Conventions`, pipeline.json's optional "conventions"; absent = ours, as above). A folder converted
+from the released Uni-ViGU checkpoint (`--univigu`) records the release's, so its outputs are reproduced:
+  latents          "normalized" | "raw": the DiT works on VAE latents (μ − mean)/std, or on the raw VAE μ (release);
+  pad_context      "zeroed" | "unzeroed": umT5 rows past each prompt are zeroed (Wan), or kept as the encoder wrote
+                   them over the whole 512-token padded input (release);
+  t2v_text         "prompt_visible" | "prompt_tokens": T2V's clean text is the prompt tokenised to max_text_len with
+                   every position visible (ours), or with the tokenizer's key-padding mask (release);
+  joint_text_time  "video_time": text time = video time in joint sampling (both ours and the release's);
+  joint_text_update "mixture" | "released": the text takes mixture-path steps on the τ grid (ours), or (release) at
+                   step i of N every token is replaced by a sample of the model's softmax with probability i/(N − 1),
+                   and after the loop one more call at τ_v = τ_t = 1 (conditional context) gives the argmax tokens;
+  sigmas           "solver" | "linspace_shift": the solver's own σ grid (`sampling.schedule`), or the release's
+                   σ = shift(linspace(1, 0, N + 1)[:-1]) then 0 (its FlowMatchScheduler, sigma_min 0);
+  caption_latents  "mean" | "sample": V2T encodes the VAE posterior mean, or a sample μ + σ·ε (release);
+  caption_sigmas   "solver" | "uniform": V2T's text grid is the video's shifted one, or uniform τ = i/N (release's
+                   discrete solver with step 1/N);
+  text_time_rounding "none" | "integer": V2T's text time in Wan units as is, or rounded to an integer (release).
+Not reproduced: the release's bf16 autocast (its timesteps are bf16-rounded too) and its precomputed null embedding
+file (empty_context_t5_emb.pt); our null condition is the negative prompt encoded by the same path.
+
 Each mode compiles once per shape and step count (one `jax.jit` around the whole sampling loop); `progress`
 callbacks (done, total) fire once per denoising step from the device loop.
 """
@@ -70,6 +90,58 @@ class SamplingDefaults:
     caption_steps: int = 50  # V2T steps (the text flow's own grid)
 
 
+_CONVENTION_VALUES = {
+    "latents": ("normalized", "raw"),
+    "pad_context": ("zeroed", "unzeroed"),
+    "t2v_text": ("prompt_visible", "prompt_tokens"),
+    "joint_text_time": ("video_time",),
+    "joint_text_update": ("mixture", "released"),
+    "sigmas": ("solver", "linspace_shift"),
+    "caption_latents": ("mean", "sample"),
+    "caption_sigmas": ("solver", "uniform"),
+    "text_time_rounding": ("none", "integer"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Conventions:
+    """How the pipeline prepares inputs and steps the samplers (module docstring); the first value of each is ours."""
+
+    latents: str = "normalized"
+    pad_context: str = "zeroed"
+    t2v_text: str = "prompt_visible"
+    joint_text_time: str = "video_time"
+    joint_text_update: str = "mixture"
+    sigmas: str = "solver"
+    caption_latents: str = "mean"
+    caption_sigmas: str = "solver"
+    text_time_rounding: str = "none"
+
+    def __post_init__(self):
+        for name, allowed in _CONVENTION_VALUES.items():
+            if getattr(self, name) not in allowed:
+                raise PipelineError(f"conventions.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "conventions") -> "Conventions":
+        if not isinstance(d, dict):
+            raise PipelineError(f"{where}: must be an object of convention names, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_CONVENTION_VALUES))
+        if unknown:
+            raise PipelineError(f"{where}: unknown convention(s) {unknown}; known: {sorted(_CONVENTION_VALUES)}")
+        return cls(**d)
+
+    def changed(self) -> dict[str, str]:
+        """The conventions that differ from ours (what pipeline.json records)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v != _CONVENTION_VALUES[k][0]}
+
+
+def released_sigmas(num_steps: int, shift: float) -> jax.Array:
+    """The released Uni-ViGU grid: σ = shift(linspace(1, 0, N + 1)[:-1]), then a terminal 0 (float64 on the host)."""
+    base = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
+    return jnp.asarray(np.concatenate([shift * base / (1.0 + (shift - 1.0) * base), [0.0]]), jnp.float32)
+
+
 def default_dtype() -> str:
     """bf16 compute on accelerators, fp32 on a CPU (where bf16 matmuls are slow and parity is checked)."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -89,8 +161,10 @@ def load(path: str | Path, *, dtype=None, mesh: Mesh | None = None) -> "Pipeline
     try:
         meta = json.loads(meta_path.read_text())
         scheduler, defaults = meta["scheduler"], meta["defaults"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raw_conventions = meta.get("conventions", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise PipelineError(f"{meta_path}: not a readable pipeline file ({e!r})") from None
+    conventions = Conventions.from_dict(raw_conventions, f"{meta_path}: conventions")
     for part, sub in (("the VAE", "vae"), ("the umT5 encoder", "umt5"), ("the tokenizer", "tokenizer")):
         if not (root / sub).is_dir():
             raise PipelineError(f"{root}: {sub}/ is missing ({part}); convert it with --parts {sub}")
@@ -102,16 +176,18 @@ def load(path: str | Path, *, dtype=None, mesh: Mesh | None = None) -> "Pipeline
     fields = {f.name for f in dataclasses.fields(SamplingDefaults)}
     merged = {**{k: v for k, v in defaults.items() if k in fields}, "shift": float(scheduler["shift"]),
               "solver": scheduler["solver"]}
-    return Pipeline(model, vae, encoder, tokenizer, SamplingDefaults(**merged), source=root, mesh=mesh)
+    return Pipeline(model, vae, encoder, tokenizer, SamplingDefaults(**merged), source=root, mesh=mesh,
+                    conventions=conventions)
 
 
 class Pipeline:
     """A denoiser (`WanDiT` or `UniViGU`), its VAE (the codec), umT5 and tokenizer, and the sampling defaults."""
 
     def __init__(self, model: nnx.Module, vae: nnx.Module, encoder: nnx.Module, tokenizer, defaults: SamplingDefaults,
-                 *, source: Path | None = None, mesh: Mesh | None = None):
+                 *, source: Path | None = None, mesh: Mesh | None = None, conventions: Conventions | None = None):
         self.model, self.vae, self.encoder, self.tokenizer = model, vae, encoder, tokenizer
         self.mesh = mesh
+        self.conventions = conventions or Conventions()
         self.defaults = defaults
         self.source = source
         self.kind = "univigu" if isinstance(model, UniViGU) else "wan"
@@ -122,7 +198,7 @@ class Pipeline:
         """The same VAE, umT5, tokenizer and defaults around another denoiser (e.g. a UniViGU trained from this
         folder's DiT)."""
         return Pipeline(model, self.vae, self.encoder, self.tokenizer, self.defaults, source=self.source,
-                        mesh=self.mesh)
+                        mesh=self.mesh, conventions=self.conventions)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Writes every part as a folder `load` opens: the denoiser (`univigu/` or `dit/`), `vae/`, `umt5/`,
@@ -140,6 +216,8 @@ class Pipeline:
         d = dataclasses.asdict(self.defaults)
         meta = {"format_version": 1, "scheduler": {"solver": d.pop("solver"), "shift": d.pop("shift"),
                                                    "source": str(self.source)}, "defaults": d}
+        if self.conventions.changed():
+            meta["conventions"] = self.conventions.changed()
         atomic_files.write_text(path / PIPELINE_FILE, json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -167,7 +245,10 @@ class Pipeline:
         self.check_video_size(settings["num_frames"], settings["height"], settings["width"])
         settings["latent_shape"] = (len(prompts), *self.vae.latent_shape(settings["num_frames"], settings["height"],
                                                                          settings["width"]))
-        settings["sigmas"] = sampling.schedule(settings["solver"], settings["steps"], settings["shift"])
+        if self.conventions.sigmas == "linspace_shift":
+            settings["sigmas"] = released_sigmas(settings["steps"], settings["shift"])
+        else:
+            settings["sigmas"] = sampling.schedule(settings["solver"], settings["steps"], settings["shift"])
         return prompts, settings
 
     def _need_unified(self, what: str) -> UniViGU:
@@ -182,11 +263,14 @@ class Pipeline:
         return self.tokenizer.encode([clean_prompt(p) for p in prompts], max_len)
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array:
-        """umT5 embeddings as the DiT takes them: [B, text_len, text_dim], rows past each prompt zeroed."""
+        """umT5 embeddings as the DiT takes them: [B, text_len, text_dim], rows past each prompt zeroed (or, with
+        pad_context="unzeroed", the encoder's output over the whole padded input)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         text_len = self.dit.config.text_len
         ids, mask = self.tokenize(prompts, text_len)
-        return self._jit("encode", _encode_prompt, text_len)(self.encoder, jnp.asarray(ids), jnp.asarray(mask))
+        zeroed = self.conventions.pad_context == "zeroed"
+        return self._jit(("encode", zeroed), _encode_prompt, text_len, zeroed)(self.encoder, jnp.asarray(ids),
+                                                                               jnp.asarray(mask))
 
     # -- the three modes ---------------------------------------------------------------------------------------------
 
@@ -216,13 +300,22 @@ class Pipeline:
         frames = self._read_frames(video)
         steps = num_inference_steps or self.defaults.caption_steps
         self.check_video_size(frames.shape[1], frames.shape[2], frames.shape[3])
-        latents = self._jit("encode_video", _encode_video)(self.vae, jnp.asarray(frames * 2.0 - 1.0))
+        c = self.conventions
+        key_video, key_text = jax.random.split(jax.random.key(seed))
+        encode = (c.latents == "raw", c.caption_latents == "sample")
+        latents = self._jit(("encode_video", encode), _encode_video, *encode)(
+            self.vae, jnp.asarray(frames * 2.0 - 1.0), key_video)
         text_len = model.config.max_text_len
         context = jnp.zeros((frames.shape[0], self.dit.config.text_len, self.dit.config.text_dim), jnp.float32)
-        sigmas = sampling.schedule(self.defaults.solver, steps, self.defaults.shift)
-        run = self._jit(("v2t", self.defaults.solver, text_len), _v2t, self.defaults.solver, text_len)
+        if c.caption_sigmas == "uniform":
+            sigmas = jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32)
+        else:
+            sigmas = sampling.schedule(self.defaults.solver, steps, self.defaults.shift)
+        rounding = c.text_time_rounding == "integer"
+        run = self._jit(("v2t", self.defaults.solver, text_len, rounding), _v2t, self.defaults.solver, text_len,
+                        rounding)
         with self._reporting(progress, steps):
-            ids = run(model, jax.random.key(seed), latents, context, sigmas)
+            ids = run(model, key_text, latents, context, sigmas)
         return self.tokenizer.decode(np.asarray(ids))
 
     def joint(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
@@ -236,7 +329,10 @@ class Pipeline:
         context = self.encode_prompt(prompts)
         null = self.encode_prompt([self.defaults.negative_prompt] * len(prompts)) if s["guidance"] > 1.0 else None
         text_len = model.config.max_text_len
-        run = self._jit(("joint", s["solver"], null is None, text_len), _joint, s["solver"], text_len)
+        if self.conventions.joint_text_update == "released":
+            run = self._jit(("joint-released", null is None, text_len), _joint_released, text_len)
+        else:
+            run = self._jit(("joint", s["solver"], null is None, text_len), _joint, s["solver"], text_len)
         with self._reporting(progress, s["steps"]):
             z, ids = run(model, jax.random.key(seed), self._initial_latents(None, s["latent_shape"], seed), s["sigmas"],
                          context, null, jnp.float32(s["guidance"]))
@@ -258,6 +354,8 @@ class Pipeline:
         if not isinstance(self.model, UniViGU):
             return None, None
         ids, mask = self.tokenize(prompts, self.model.config.max_text_len)
+        if self.conventions.t2v_text == "prompt_tokens":  # the release: padded to max_length, a key-padding mask
+            return self.model.text_flow.clean(jnp.asarray(ids)), jnp.asarray(mask, bool)
         return self.model.text_flow.clean(jnp.asarray(ids)), jnp.ones(ids.shape, bool)
 
     def _read_frames(self, video) -> np.ndarray:
@@ -275,7 +373,8 @@ class Pipeline:
         return np.clip(frames.astype(np.float32), 0.0, 1.0)
 
     def _frames(self, latents) -> np.ndarray:
-        video = self._jit("decode", _decode_video)(self.vae, latents)
+        raw = self.conventions.latents == "raw"
+        video = self._jit(("decode", raw), _decode_video, raw)(self.vae, latents)
         return np.asarray(video, np.float32)
 
     def _jit(self, key, fn, *static) -> Callable:
@@ -319,16 +418,22 @@ class Pipeline:
 # The jitted bodies (module first, then arrays; solver and lengths static).
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _encode_prompt(text_len: int, encoder, ids, mask):
+def _encode_prompt(text_len: int, zeroed: bool, encoder, ids, mask):
+    if not zeroed:  # the release: every row of the padded input as the encoder wrote it
+        return encoder(ids, mask).astype(jnp.float32)
     return wan_context(encoder(ids, mask), mask, text_len)
 
 
-def _encode_video(vae, video):
-    return vae.encode(video)
+def _encode_video(raw: bool, sample: bool, vae, video, key):
+    """Latents of a clip: the posterior mean or (sample) μ + exp(logvar / 2)·ε; normalised unless raw."""
+    mu, logvar = vae.encode_moments(video)
+    z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape, mu.dtype) if sample else mu
+    return z if raw else vae.normalize(z)
 
 
-def _decode_video(vae, latents):
-    return jnp.clip((vae.decode(latents).astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+def _decode_video(raw: bool, vae, latents):
+    video = vae.decode_raw(latents) if raw else vae.decode(latents)
+    return jnp.clip((video.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def _wan_velocity(dit, solver: str) -> sampling.VelocityFn:
@@ -390,9 +495,23 @@ def t2v_latents(model, noise, sigmas, context, null_context, guidance_scale, tex
                                text_mask=text_mask, sigmas=sigmas, noise=noise)
 
 
-def v2t_ids(model: UniViGU, key, latents, context, sigmas, text_len: int, *, solver: str, report: bool = False):
+def _integer_text_time(velocity: sampling.VelocityFn) -> sampling.VelocityFn:
+    """The release's V2T text time: round((1 − τ_t)·1000) Wan units, i.e. τ_t snapped to multiples of 1/1000."""
+
+    def rounded(video, text, tau_v, tau_t, context, text_mask=None):
+        steps = flow.WAN_NUM_TRAIN_TIMESTEPS
+        return velocity(video, text, tau_v, 1.0 - jnp.round((1.0 - tau_t) * steps) / steps, context, text_mask)
+
+    return rounded
+
+
+def v2t_ids(model: UniViGU, key, latents, context, sigmas, text_len: int, *, solver: str, report: bool = False,
+            integer_text_time: bool = False):
     """Caption ids [B, text_len] of clean video latents (every text position visible, as trained)."""
-    return sampling.sample_v2t(_counting(model.as_velocity_fn(), report), key, latents, model.text_flow, text_len,
+    velocity = model.as_velocity_fn()
+    if integer_text_time:
+        velocity = _integer_text_time(velocity)
+    return sampling.sample_v2t(_counting(velocity, report), key, latents, model.text_flow, text_len,
                                context, solver=solver, sigmas=sigmas,
                                text_mask=jnp.ones((latents.shape[0], text_len), bool))
 
@@ -409,10 +528,48 @@ def _t2v(solver, model, noise, sigmas, context, null, guidance, text, text_mask)
     return t2v_latents(model, noise, sigmas, context, null, guidance, text, text_mask, solver=solver, report=True)
 
 
-def _v2t(solver, text_len, model, key, latents, context, sigmas):
-    return v2t_ids(model, key, latents, context, sigmas, text_len, solver=solver, report=True)
+def _v2t(solver, text_len, integer_text_time, model, key, latents, context, sigmas):
+    return v2t_ids(model, key, latents, context, sigmas, text_len, solver=solver, report=True,
+                   integer_text_time=integer_text_time)
 
 
 def _joint(solver, text_len, model, key, noise, sigmas, context, null, guidance):
     return joint_sample(model, key, noise.shape, sigmas, context, null, guidance, text_len, solver=solver, noise=noise,
                         report=True)
+
+
+def joint_sample_released(model: UniViGU, key, noise, sigmas, context, null_context, guidance_scale, text_len: int, *,
+                          report: bool = False):
+    """The released joint (T2VT) loop: (video latents, caption ids).
+
+    Text starts from the flow's source; at each step i of N one (CFG'd on video) model call at τ_v = τ_t = 1 − σ_i;
+    the video takes an Euler step to σ_{i+1}; every token is replaced by a draw from softmax(logits) with probability
+    i/(N − 1) (1 when N = 1). Then one more call at τ_v = τ_t = 1 with the conditional context only, and its argmax is
+    the caption. (The release's own text solver is not the mixture path's; this is its update, as written.)"""
+    velocity = _counting(model.as_velocity_fn(), report)
+    batch, n = noise.shape[0], sigmas.shape[0] - 1
+    key_text, key_loop = jax.random.split(key)
+    ids = model.text_flow.source(key_text, batch, text_len)
+    mask = jnp.ones((batch, text_len), bool)
+    progress = jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1) if n > 1 else jnp.ones((1,), jnp.float32)
+
+    def step(carry, per_step):
+        z, ids = carry
+        sigma, sigma_next, keep_p, k = per_step
+        taus = jnp.full((batch,), 1.0 - sigma)
+        v, logits = sampling._call_with_guidance(velocity, z, ids, taus, taus, context, null_context, guidance_scale,
+                                                 mask)
+        z = z + (sigma - sigma_next).astype(z.dtype) * v  # Euler in σ on the paper velocity dz/dτ = −dz/dσ
+        k_sample, k_keep = jax.random.split(k)
+        sampled = flow._sample_categorical(jax.random.uniform(k_sample, ids.shape), logits)
+        ids = jnp.where(jax.random.uniform(k_keep, ids.shape) < keep_p, sampled, ids)
+        return (z, ids), None
+
+    (z, ids), _ = jax.lax.scan(step, (noise, ids), (sigmas[:-1], sigmas[1:], progress, jax.random.split(key_loop, n)))
+    ones = jnp.ones((batch,), jnp.float32)
+    _, logits = model.as_velocity_fn()(z, ids, ones, ones, context, mask)
+    return z, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _joint_released(text_len, model, key, noise, sigmas, context, null, guidance):
+    return joint_sample_released(model, key, noise, sigmas, context, null, guidance, text_len, report=True)

@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "a lone transformer folder: dit)")
     p.add_argument("--allow_nonfinite", "--allow-nonfinite", action="store_true",
                    help="convert tensors holding NaN / Inf as they are (default: refuse them, naming each)")
+    p.add_argument("--univigu", default=None, metavar="CKPT.pth",
+                   help="the released Uni-ViGU checkpoint (torch .pth, weights under 'model'); SRC is then its diffusers "
+                        "Wan2.1 folder and DST gets univigu/ (instead of dit/) and the release's conventions in "
+                        "pipeline.json")
+    p.add_argument("--max_text_len", "--max-text-len", type=int, default=256,
+                   help="with --univigu: the text length the model is built for (the release's --max_length)")
     return p
 
 
@@ -45,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = None if args.parts is None else tuple(p.strip() for p in args.parts.split(",") if p.strip())
     try:
         convert_release(args.src, args.dst, parts=parts, dtype=args.dtype, overwrite=args.overwrite,
-                        allow_nonfinite=args.allow_nonfinite)
+                        allow_nonfinite=args.allow_nonfinite, univigu=args.univigu,
+                        max_text_len=args.max_text_len)
     except (ValueError, OSError) as e:  # SourceError, ConversionError, SafetensorsError, CheckpointError, IO
         print(f"convert_wan_weights: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

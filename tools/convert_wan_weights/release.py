@@ -18,6 +18,12 @@ staging folder; only when *all* parts are written are they published, each by on
 anywhere leaves DST as it was. A destination that another process created during the run is never replaced
 (without --overwrite): the run fails naming it, and its data is kept.
 
+The released Uni-ViGU checkpoint (`univigu=CKPT.pth`, CLI `--univigu`): the denoiser part becomes DST/univigu/
+(`univigu_part`: the diffusers transformer's weights, overridden by the base keys the .pth holds, plus its text side)
+instead of DST/dit/, and pipeline.json records the release's scheduler (Euler, σ = shift(linspace(1, 0, N + 1)[:-1]),
+shift 3) and its inference conventions (`RELEASED_CONVENTIONS`, read by `uvigu.pipeline`). The tokenizer part is
+converted first so its vocabulary can tell a mask source (V + 1 rows) from a uniform one.
+
 Every bad input is a ValueError (exit 2 in the CLI) naming the file: nested, truncated or non-object JSON, corrupt
 safetensors headers, index shard names outside the index's folder, NaN / Inf tensors (unless allow_nonfinite), a
 truncated or unreadable .pth, a folder where a file should be.
@@ -32,7 +38,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tools.convert_wan_weights import conversion, staging, tokenizer_part, umt5_part, vae_part
+from tools.convert_wan_weights import conversion, staging, tokenizer_part, umt5_part, univigu_part, vae_part
 from tools.convert_wan_weights.conversion import ConversionError
 from tools.convert_wan_weights.jsonfile import read_json, short_repr
 
@@ -44,6 +50,17 @@ PIPELINE_FORMAT_VERSION = 1
 ORIGINAL_SCHEDULER = {"solver": "unipc", "shift": 5.0}
 SAMPLING_DEFAULTS = {"height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 50, "guidance_scale": 5.0,
                      "fps": 16, "negative_prompt": ""}
+
+# The released Uni-ViGU inference (Fr0zenCrane/Uni-ViGU inference_unified_wan.py + inference.sh): its FlowMatchScheduler
+# (sigma_min 0, extra_one_step) is Euler on shift(linspace(1, 0, N + 1)[:-1]) with shift 3; 50 steps (script default;
+# inference.sh uses 100), cfg 5 (inference.sh), 21 latent frames = 81 frames at 480x832, fps 16.
+RELEASED_SCHEDULER = {"solver": "euler", "shift": 3.0,
+                      "source": "Uni-ViGU release (inference_unified_wan.py FlowMatchScheduler, shift 3)"}
+RELEASED_DEFAULTS = {**SAMPLING_DEFAULTS, "guidance_scale": 5.0, "caption_steps": 50}
+# How the release runs its model (uvigu.pipeline.Conventions documents each value).
+RELEASED_CONVENTIONS = {"latents": "raw", "pad_context": "unzeroed", "t2v_text": "prompt_tokens",
+                        "joint_text_time": "video_time", "joint_text_update": "released", "sigmas": "linspace_shift",
+                        "caption_latents": "sample", "caption_sigmas": "uniform", "text_time_rounding": "integer"}
 
 
 def _locate_scheduler(src: Path) -> dict[str, Any] | None:
@@ -80,10 +97,18 @@ def _is_release(src: Path, found: dict[str, Any]) -> bool:
 
 
 def convert_release(src: str | Path, dst: str | Path, *, parts: tuple[str, ...] | None = None, dtype: str = "keep",
-                    overwrite: bool = False, allow_nonfinite: bool = False, log=print) -> dict[str, Any]:
+                    overwrite: bool = False, allow_nonfinite: bool = False, univigu: str | Path | None = None,
+                    max_text_len: int = univigu_part.RELEASE_TEXT_LEN, log=print) -> dict[str, Any]:
     """Converts the parts of `src` into `dst`; returns {part: its summary text}. Raises a ValueError naming the
-    missing part / file / key on bad input (see the module docstring for which parts); DST is then as it was."""
+    missing part / file / key on bad input (see the module docstring for which parts); DST is then as it was.
+    `univigu`: the released Uni-ViGU .pth; the "dit" part is then written as DST/univigu/ (module docstring)."""
     src, dst = Path(src), Path(dst)
+    if univigu is not None:
+        univigu = Path(univigu)
+        if not univigu.is_file():
+            raise ConversionError(f"{univigu}: no such file" if not univigu.exists() else
+                                  f"{univigu}: is not a file; --univigu takes the released .pth")
+    output_name = lambda part: _output_name(part, univigu is not None)
     if not src.is_dir():
         raise ConversionError(f"{src}: no such file or folder" if not src.exists() else
                               f"{src}: is a file; SRC must be a release or checkpoint folder")
@@ -108,18 +133,32 @@ def convert_release(src: str | Path, dst: str | Path, *, parts: tuple[str, ...] 
         missing = [p for p in parts if not found[p]]
         if missing:
             raise ConversionError(f"{src}: requested part(s) {', '.join(missing)} not found ({_where(missing)})")
-    _refuse_existing(dst, parts, overwrite)
+    if univigu is not None and "tokenizer" in parts:  # the tokenizer first: its vocabulary is needed by the model
+        parts = ("tokenizer", *[p for p in parts if p != "tokenizer"])
+    _refuse_existing(dst, parts, overwrite, names=output_name)
 
-    with staging.locked(dst, [_output_name(p) for p in PARTS], log):
-        _refuse_existing(dst, parts, overwrite)  # again, now that the lock is held
+    with staging.locked(dst, [_output_name(p) for p in PARTS] + [univigu_part.PART], log):
+        _refuse_existing(dst, parts, overwrite, names=output_name)  # again, now that the lock is held
         areas: dict[str, Path] = {}
         try:
             summaries = {}
             for part in parts:
-                name = _output_name(part)
+                name = output_name(part)
                 area = areas[part] = staging.new_area(dst, name)
                 final, staged = dst / name, area / name
-                if part == "dit":
+                if part == "dit" and univigu is not None:
+                    vocab = None
+                    if "tokenizer" in areas:
+                        from uvigu.data.umt5_tokenizer import UMT5Tokenizer
+                        vocab = UMT5Tokenizer.load(areas["tokenizer"] / "tokenizer").vocab_size
+                    result = univigu_part.convert(src, univigu, staged, dtype=dtype, tokenizer_vocab=vocab,
+                                                  max_text_len=max_text_len, allow_nonfinite=allow_nonfinite, log=log)
+                    summaries[part] = univigu_part.summary(result, final)
+                elif part == "scheduler" and univigu is not None:
+                    summaries[part] = _write_pipeline_file(staged, RELEASED_SCHEDULER, shown=final,
+                                                           defaults=RELEASED_DEFAULTS,
+                                                           conventions=RELEASED_CONVENTIONS)
+                elif part == "dit":
                     result = conversion.convert(src, area, dtype=dtype, allow_nonfinite=allow_nonfinite, log=log)
                     summaries[part] = conversion.summary(dataclasses.replace(result, output=final))
                 elif part == "scheduler":
@@ -131,10 +170,10 @@ def convert_release(src: str | Path, dst: str | Path, *, parts: tuple[str, ...] 
                     summaries[part] = module.summary({**result, "output": str(final)})
                 log(summaries[part])
             staging.before_publish(list(parts))
-            _refuse_existing(dst, parts, overwrite, during=True)  # a concurrent writer, before publishing any
+            _refuse_existing(dst, parts, overwrite, during=True, names=output_name)  # a concurrent writer
             published = []
             for part in parts:
-                name = _output_name(part)
+                name = output_name(part)
                 try:
                     staging.publish(areas[part] / name, dst / name, overwrite)
                 except ConversionError as e:
@@ -148,8 +187,10 @@ def convert_release(src: str | Path, dst: str | Path, *, parts: tuple[str, ...] 
     return summaries
 
 
-def _refuse_existing(dst: Path, parts: tuple[str, ...], overwrite: bool, during: bool = False) -> None:
-    existing = [dst / _output_name(p) for p in parts if os.path.lexists(dst / _output_name(p))]
+def _refuse_existing(dst: Path, parts: tuple[str, ...], overwrite: bool, during: bool = False,
+                     names=None) -> None:
+    names = names or _output_name
+    existing = [dst / names(p) for p in parts if os.path.lexists(dst / names(p))]
     if existing and not overwrite:
         if during:
             raise staging.DestinationExists(
@@ -158,7 +199,9 @@ def _refuse_existing(dst: Path, parts: tuple[str, ...], overwrite: bool, during:
         raise ConversionError(f"{', '.join(map(str, existing))} already exists; pass --overwrite to replace it")
 
 
-def _output_name(part: str) -> str:
+def _output_name(part: str, univigu: bool = False) -> str:
+    if part == "dit" and univigu:
+        return univigu_part.PART
     return PIPELINE_FILE if part == "scheduler" else part
 
 
@@ -170,12 +213,19 @@ def _where(parts: list[str]) -> str:
     return "; ".join(f"{p}: looked for {looked[p]}" for p in parts)
 
 
-def _write_pipeline_file(path: Path, scheduler: dict[str, Any], shown: Path | None = None) -> str:
+def _write_pipeline_file(path: Path, scheduler: dict[str, Any], shown: Path | None = None, *,
+                         defaults: dict[str, Any] | None = None, conventions: dict[str, str] | None = None) -> str:
     """pipeline.json (written into the staging area; published with the other parts): the scheduler's solver and
-    shift and the sampling defaults."""
-    meta = {"format_version": PIPELINE_FORMAT_VERSION, "scheduler": scheduler, "defaults": dict(SAMPLING_DEFAULTS)}
+    shift, the sampling defaults and (a Uni-ViGU release only) its inference conventions."""
+    meta = {"format_version": PIPELINE_FORMAT_VERSION, "scheduler": scheduler,
+            "defaults": dict(SAMPLING_DEFAULTS if defaults is None else defaults)}
+    if conventions:
+        meta["conventions"] = dict(conventions)
     path.write_text(json.dumps(meta, indent=2) + "\n")
-    return f"scheduler: {scheduler['solver']}, shift {scheduler['shift']} ({scheduler['source']}) -> {shown or path}"
+    extra = f", conventions {conventions}" if conventions else ""
+    return (f"scheduler: {scheduler['solver']}, shift {scheduler['shift']} ({scheduler['source']}){extra} -> "
+            f"{shown or path}")
 
 
-__all__ = ["PARTS", "PIPELINE_FILE", "convert_release"]
+__all__ = ["PARTS", "PIPELINE_FILE", "RELEASED_CONVENTIONS", "RELEASED_DEFAULTS", "RELEASED_SCHEDULER",
+           "convert_release"]

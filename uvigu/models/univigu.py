@@ -21,6 +21,10 @@ object): "embedding" (paper): text is a noisy latent [B, S, E] in the space of a
 code): text is token ids [B, S], embedded by a vocab table [V, D] (one more row, the mask id V, with the "mask"
 source); the head predicts logits [B, S, V].
 
+The released checkpoint (tools/convert_wan_weights/univigu_part.py) needs three text-side options, all off by default:
+`text_head_norm="weight"` (its head LayerNorm has a learned weight [D], no bias), `text_head_eps=1e-5` (that norm's
+eps; ours is the DiT's) and, with a mask source, `head_mask_logit=True` (its head scores V + 1 ids).
+
 Shape letters: B batch, T/H/W latent frames/height/width, C latent channels, L video tokens, S text tokens,
 D model dim, E text latent dim, V vocab, G prompt-encoder dim.
 """
@@ -58,6 +62,12 @@ class UniViGUConfig(ModelConfig):
     text_rope_theta: float = 10000.0
     discrete_source: flow.DiscreteSource = "uniform"  # discrete flow: uniform ids, or an absorbing mask id (= V)
     scheduler_power: float = 1.0  # discrete flow: κ(τ) = τ^power
+    # The text head's norm: "none" = non-affine LayerNorm (ours); "weight" = LayerNorm times a learned per-channel
+    # weight (the released code's `text_head.norm_final`, no bias). eps None = the DiT's eps (the release uses 1e-5).
+    text_head_norm: Literal["none", "weight"] = "none"
+    text_head_eps: float | None = None
+    # Discrete "mask" source only: the head also scores the mask id (V + 1 logits), as the released code's head does.
+    head_mask_logit: bool = False
 
     def __post_init__(self):
         if self.text_flow not in ("embedding", "discrete"):
@@ -66,6 +76,13 @@ class UniViGUConfig(ModelConfig):
             raise ValueError(f"UniViGUConfig.discrete_source={self.discrete_source!r} is not 'uniform' or 'mask'")
         if self.ffn_t_init not in ("fresh", "copy"):
             raise ValueError(f"UniViGUConfig.ffn_t_init={self.ffn_t_init!r} is not 'fresh' or 'copy'")
+        if self.text_head_norm not in ("none", "weight"):
+            raise ValueError(f"UniViGUConfig.text_head_norm={self.text_head_norm!r} is not 'none' or 'weight'")
+        if self.text_head_eps is not None and not self.text_head_eps > 0:
+            raise ValueError(f"UniViGUConfig.text_head_eps must be positive or None, got {self.text_head_eps!r}")
+        if self.head_mask_logit and (self.text_flow != "discrete" or self.discrete_source != "mask"):
+            raise ValueError("UniViGUConfig.head_mask_logit=True needs text_flow='discrete' with discrete_source='mask' "
+                             f"(got text_flow={self.text_flow!r}, discrete_source={self.discrete_source!r})")
         if self.vocab_size < 2 or self.text_latent_dim < 1 or self.max_text_len < 1:
             raise ValueError(f"UniViGUConfig: vocab_size, text_latent_dim and max_text_len must be positive: {self}")
 
@@ -92,13 +109,16 @@ class UniViGUModelConfig:
 
 
 class TextHead(nnx.Module):
-    """Non-affine LayerNorm, a (1, 2, D) shift/scale table added to the text time embedding e_t, Linear(D -> out).
-    The projection starts at zero: a fresh text head predicts a zero velocity / uniform logits."""
+    """LayerNorm (non-affine, or times a learned weight [D] with `norm_weight`, the released code's `norm_final`), a
+    (1, 2, D) shift/scale table added to the text time embedding e_t, Linear(D -> out). The projection starts at zero:
+    a fresh text head predicts a zero velocity / uniform logits."""
 
     def __init__(self, dim: int, out_dim: int, out_axis: str | None, *, eps: float, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, norm_weight: bool = False):
         self.eps = eps
         self.dtype = dtype
+        if norm_weight:
+            self.norm_scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",))
         init = jax.random.normal(rngs.params(), (1, 2, dim), jnp.float32) / np.sqrt(dim)
         self.scale_shift_table = nnx.Param(init.astype(param_dtype), out_sharding=(None, "modulation", "embed"))
         self.proj = layers.dense(dim, out_dim, ("embed", out_axis), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -106,7 +126,10 @@ class TextHead(nnx.Module):
 
     def __call__(self, x: Float[Array, "B S D"], e_t: Float[Array, "B D"]) -> Float[Array, "B S O"]:
         shift, scale = split_modulation(self.scale_shift_table, e_t[:, None, None])
-        h = layers.modulate(layers.layer_norm_fp32(x, self.eps), shift, scale)
+        normed = layers.layer_norm_fp32(x, self.eps)
+        if hasattr(self, "norm_scale"):
+            normed = normed * self.norm_scale[...].astype(jnp.float32)
+        h = layers.modulate(normed, shift, scale)
         return self.proj(h.astype(self.dtype)).astype(jnp.float32)
 
 
@@ -125,6 +148,8 @@ class UniViGU(nnx.Module):
         w = dit.config
         dt = dict(dtype=w.compute_dtype, param_dtype=w.storage_dtype)
         ffn_t_dim = config.ffn_t_dim or w.ffn_dim
+        head = dict(eps=w.eps if config.text_head_eps is None else config.text_head_eps,
+                    norm_weight=config.text_head_norm == "weight", **dt)
         self.ffn_t = layer_stack(lambda r: WanFeedForward(w.dim, ffn_t_dim, **dt, rngs=r), w.num_layers,
                                  w.scan_layers, rngs)
         self.text_time = TimeEmbedding(w.dim, w.freq_dim, param_dtype=w.storage_dtype, rngs=rngs)
@@ -132,14 +157,15 @@ class UniViGU(nnx.Module):
             self.text_table = TextEmbeddingTable(config.vocab_size, config.text_latent_dim, rngs=rngs,
                                                  row_norm=config.embedding_row_norm, param_dtype=w.storage_dtype)
             self.text_proj_in = layers.dense(config.text_latent_dim, w.dim, (None, "embed"), **dt, rngs=rngs)
-            self.text_head = TextHead(w.dim, config.text_latent_dim, None, eps=w.eps, **dt, rngs=rngs)
+            self.text_head = TextHead(w.dim, config.text_latent_dim, None, **head, rngs=rngs)
         else:
             mask_row = int(config.discrete_source == "mask")
             self.vocab_embed = nnx.Embed(config.vocab_size + mask_row, w.dim, dtype=w.compute_dtype,
                                          param_dtype=w.storage_dtype, rngs=rngs,
                                          embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
                                                                               ("vocab", "embed")))
-            self.text_head = TextHead(w.dim, config.vocab_size, "vocab", eps=w.eps, **dt, rngs=rngs)
+            self.text_head = TextHead(w.dim, config.vocab_size + int(config.head_mask_logit), "vocab", **head,
+                                      rngs=rngs)
 
     @classmethod
     def from_wan(cls, dit: WanDiT, config: UniViGUConfig, *, rngs: nnx.Rngs) -> "UniViGU":
