@@ -233,13 +233,13 @@ def test_stale_staging_made_by_hand_is_swept(releases, tmp_path, capsys):
     (dst / ".pipeline.json.partial").write_text("{")  # what an older converter left
     (dst / ".tokenizer.old-cafebabe").mkdir()  # a retired folder whose replacement never arrived: restored
     (dst / ".tokenizer.old-cafebabe" / "mine").write_text("kept")
-    (dst / ".univigu.partial-11111111").mkdir()  # not a converter part: left alone
+    (dst / ".export.partial-11111111").mkdir()  # not a converter part: left alone
     code, out, err = run(src, dst, "--parts", "dit,scheduler", capsys=capsys)
     assert code == 0, err
     for name in (".dit.partial-deadbeef", ".vae.partial-0badf00d", ".dit.partial-12345678", ".pipeline.json.partial"):
         assert f"removed {dst / name}" in out, (name, out)
     assert "restored" in out and (dst / "tokenizer" / "mine").read_text() == "kept"
-    assert sorted(p.name for p in dst.iterdir()) == [".univigu.partial-11111111", "dit", "pipeline.json", "tokenizer"]
+    assert sorted(p.name for p in dst.iterdir()) == [".export.partial-11111111", "dit", "pipeline.json", "tokenizer"]
 
 
 def test_killed_conversion_is_swept_by_the_next_run(releases, tmp_path, capsys):

@@ -223,6 +223,40 @@ def test_kill9_then_rerun_is_bitwise_equal(world, tmp_path):
     assert not (killed_dir / workdir.LOCK_FILE).exists()
 
 
+@pytest.mark.parametrize("when", ["setup", "evaluation"])
+def test_sigterm_during_setup_or_evaluation_stops_within_30_s(world, tmp_path, when):
+    """SIGTERM while the run sets up (data, model, the first compile) or while it evaluates: exit 0 within 30 s, what
+    was trained saved, nothing half-written (no eval JSON from an interrupted evaluation)."""
+    wd = tmp_path / "run"
+    # A long evaluation at the end (2 x 64 clips, 10 sampling steps each): it starts after the export is written.
+    flags = dict(total_steps=2, eval_examples=64, eval_batch_size=4, sample__num_steps=10)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(main_cmd(wd, world, **flags), cwd=REPO, env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        marker = wd / ("run_config.json" if when == "setup" else "export/dit/config.json")
+        _wait_for(marker.exists, proc, 240, str(marker))
+        if when == "evaluation":
+            time.sleep(1.0)  # into the evaluation's first batches
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        code = proc.wait(timeout=120)
+        seconds = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log.read_text()[-3000:]
+    assert seconds < 30, f"took {seconds:.1f} s to stop after SIGTERM during {when}"
+    assert not list((wd / "eval").glob("*.json")) if (wd / "eval").exists() else True
+    for step in checkpoint_steps(wd):  # whatever was saved is whole and finite
+        assert all(np.isfinite(v).all() for v in checkpoint_state(wd, step)["params"].values())
+    if when == "evaluation":
+        assert checkpoint_steps(wd) == [2] and "evaluation at step 2 interrupted" in log.read_text()
+    print(f"SIGTERM during {when}: stopped in {seconds:.1f} s")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. The lock.
 # ----------------------------------------------------------------------------------------------------------------------

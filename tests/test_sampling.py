@@ -317,22 +317,27 @@ def test_joint_embedding_shares_one_tau_grid():
 
 
 def test_joint_discrete_with_guidance():
-    vocab = 12
-    target = _ids(*IDS_SHAPE, vocab=vocab, seed=3)
-    v1 = _normal(*VIDEO_SHAPE, seed=5)
+    """CFG in joint sampling: the conditional half (the prompt context) pulls the video to v1, the unconditional half
+    (the null context) to u1, so the guided field aims at u1 + g·(v1 − u1), which Euler reaches exactly on these
+    straight fields; the text follows the conditional half only (the unconditional logits point elsewhere)."""
+    vocab, guide = 12, 4.0
+    target, other = _ids(*IDS_SHAPE, vocab=vocab, seed=3), _ids(*IDS_SHAPE, vocab=vocab, seed=4)
+    v1, u1 = _normal(*VIDEO_SHAPE, seed=5), _normal(*VIDEO_SHAPE, seed=6)
     calls = []
 
     def velocity_fn(video, text, tau_v, tau_t, context, text_mask):
         calls.append(video.shape[0])
-        rows = jnp.arange(video.shape[0]) % 2  # the cond and uncond halves both get example 0, 1
-        v_video = (v1[rows] - video) / (1.0 - tau_t)[:, None, None, None, None]
-        logits = 30.0 * jax.nn.one_hot(target[rows], vocab)
+        rows = jnp.arange(video.shape[0]) % 2  # the cond and uncond halves both hold examples 0, 1
+        uncond = jnp.all(context == 0, axis=(1, 2))  # [2B]: which rows carry the null context
+        goal = jnp.where(uncond[:, None, None, None, None], u1[rows], v1[rows])
+        v_video = (goal - video) / (1.0 - tau_t)[:, None, None, None, None]
+        logits = 30.0 * jax.nn.one_hot(jnp.where(uncond[:, None], other[rows], target[rows]), vocab)
         return v_video, logits
 
     video, ids = sampling.sample_joint(
-        velocity_fn, KEY, VIDEO_SHAPE, flow.DiscreteTextFlow(vocab), IDS_SHAPE[1], CONTEXT, jnp.zeros((5, 6)), 4.0,
-        num_steps=5, shift=3.0, solver="euler",
+        velocity_fn, KEY, VIDEO_SHAPE, flow.DiscreteTextFlow(vocab), IDS_SHAPE[1], jnp.ones_like(CONTEXT),
+        jnp.zeros((5, 6)), guide, num_steps=5, shift=3.0, solver="euler",
     )  # fmt: skip
     assert calls == [4]
-    np.testing.assert_allclose(video, v1, atol=1e-5)  # both halves pull to v1, so guidance leaves it there
+    np.testing.assert_allclose(video, u1 + guide * (v1 - u1), atol=1e-4)
     np.testing.assert_array_equal(ids, target)

@@ -116,9 +116,16 @@ def tiny_config(stage: str, world: Path, flow: str = "discrete", **overrides) ->
 
 def run(c: ml_collections.ConfigDict, workdir: Path, poison_step: int | None = None) -> dict:
     """`train.train_and_evaluate(c, workdir)` in-process, also returning the batches the loop fed its steps (in
-    `result['batches']`, numpy). `poison_step`: that step's latents are NaN."""
-    batches = []
+    `result['batches']`, numpy) and the params the run itself started from (`result['start_params']`: the model
+    `train.create_model` handed the loop, copied before any step). `poison_step`: that step's latents are NaN."""
+    batches, started = [], []
     real = pipeline.to_global
+    real_create = train.create_model
+
+    def create_spy(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+        started.append(model_params(model))
+        return model
 
     def spy(batch, mesh):
         batch = {k: np.array(v) for k, v in batch.items()}
@@ -129,8 +136,10 @@ def run(c: ml_collections.ConfigDict, workdir: Path, poison_step: int | None = N
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "to_global", spy)
+        mp.setattr(train, "create_model", create_spy)
         result = train.train_and_evaluate(c, str(workdir))
     result["batches"] = batches
+    result["start_params"] = started[0] if started else None
     return result
 
 
@@ -272,7 +281,7 @@ def test_pretrain_two_steps(chain):
     final = checkpoint_state(workdir)["params"]
     # From scratch the DiT's output projection starts at zero and the first step's lr is 0 (warm-up from 0), so
     # after two steps only the head has moved; the stages below start from a non-zero head and move everything.
-    start = initial_params(run_["config"])
+    start = result["start_params"]
     assert not np.array_equal(start["proj_out.kernel"], final["proj_out.kernel"])
     # The export is the final params as a Wan model folder.
     export = checkpoint.load_pretrained(result["export"])
@@ -287,7 +296,7 @@ def test_stage1_two_steps_from_pretrain_export(chain, flow):
     assert {"loss_text"} <= set(result["history"][0])
     assert ("loss_rounding" in result["history"][0]) == (flow == "embedding")
     # Stage 1 starts from the pretrain export: the UniViGU's DiT is the exported DiT, param for param.
-    start = initial_params(run_["config"])
+    start = result["start_params"]
     exported = model_params(checkpoint.load_pretrained(chain.pretrain()["result"]["export"]))
     assert_params_equal({k[len("dit."):]: v for k, v in start.items() if k.startswith("dit.")}, exported,
                         "stage-1 DiT at step 0 vs pretrain export")
@@ -302,7 +311,7 @@ def test_stage2_two_steps_from_stage1_workdir(chain, flow):
     result, workdir = run_["result"], run_["workdir"]
     assert_trained(result, 2)
     # The stage-2 model before its first step is exactly stage 1's last checkpoint.
-    start = initial_params(run_["config"])
+    start = result["start_params"]
     stage1_final = checkpoint_state(chain.stage1(flow)["workdir"])["params"]
     assert_params_equal(start, stage1_final, "stage-2 params at step 0 vs stage-1 final params")
     assert changed_fraction(start, checkpoint_state(workdir)["params"]) > 0.9

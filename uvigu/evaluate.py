@@ -59,8 +59,11 @@ def generate(c, model, batch: dict[str, jax.Array], key) -> dict[str, Any]:
     return out
 
 
-def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int) -> dict[str, Any]:
-    """Scores `model` on up to `config.eval_examples` records of validation and test; saves samples of each."""
+def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int,
+             should_stop=lambda: False) -> dict[str, Any]:
+    """Scores `model` on up to `config.eval_examples` records of validation and test; saves samples of each.
+    `should_stop()` is asked between batches (SIGTERM): an interrupted evaluation returns `{"interrupted": True}`
+    and writes nothing, rather than a score over part of the split."""
     scored = PROMPT_ATTRIBUTES if c.data.text_target == "prompt" else ATTRIBUTES
     graphdef, state = nnx.split(model)
     run = jax.jit(lambda state, batch, key: generate(c, nnx.merge(graphdef, state), batch, key))
@@ -72,6 +75,8 @@ def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int) -> 
         source = getattr(data, split)
         for i, records in enumerate(pipeline.evaluation_batches(source, batch_size=c.eval_batch_size,
                                                                 limit=c.eval_examples)):
+            if should_stop():
+                return {"step": step, "stage": c.stage, "interrupted": True}
             arrays = {k: _stack(records, k) for k in ("latents", "context", "prompt_ids", "prompt_mask")}
             key = jax.random.fold_in(jax.random.key(c.seed + 7919), split_index * 100_003 + i)
             result = jax.device_get(run(state, arrays, key))

@@ -291,6 +291,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
 def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------------------------- Setup ----
+    # SIGTERM is caught from the first line: during setup, compilation or evaluation it is honoured at the next point
+    # where stopping is safe (before the first step, after the step being compiled, between evaluation batches).
+    stop = {"requested": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    cleanup.callback(signal.signal, signal.SIGTERM, previous_handler)
     try:
         run_config.validate(c)  # every value, before a workdir, dataset or model exists
     except run_config.ConfigError as e:
@@ -307,9 +312,6 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
                                      write=jax.process_index() == 0)
     except workdir_lib.WorkdirError as e:
         raise TrainingError(str(e)) from None
-    stop = {"requested": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    cleanup.callback(signal.signal, signal.SIGTERM, previous_handler)
     mesh = sharding.make_mesh(c.mesh.to_dict())
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=jax.process_index() > 0)
     logging.info("stage %s, variant %s, mesh %s, workdir %s", c.stage, c.variant, dict(mesh.shape), workdir_path)
@@ -401,7 +403,21 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     pending: list[dict[str, jax.Array]] = []
     step = first_step
     t_start = time.perf_counter()
+
+    def flush_metrics() -> list[dict[str, float]]:
+        """The metrics of the steps since the last flush, checked finite and written."""
+        rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        pending.clear()
+        if rows:
+            workdir_lib.check_finite(rows, step)  # rows hold steps step - len(rows) + 1 .. step
+            writer.write_scalars(step, {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]})
+        return rows
+
+    should_stop = lambda: _any_process(stop["requested"])  # agreed by every process
     while step < c.total_steps:
+        if should_stop():  # SIGTERM (on any host) during setup, the last step or an evaluation
+            stop["requested"] = True
+            break
         batch = pipeline.to_global(next(train_iter), mesh)
         with jax.set_mesh(mesh):
             metrics = train_step(model, optimizer, batch, jax.random.fold_in(rng, step))
@@ -409,33 +425,32 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
         pending.append(metrics)
         for hook in hooks:
             hook(step)
-        if step % c.log_every == 0 or step == c.total_steps or _any_process(stop["requested"]):
-            rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
-            pending.clear()
-            history += rows
-            workdir_lib.check_finite(rows, step)  # rows hold steps step - len(rows) + 1 .. step
-            writer.write_scalars(step, {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]})
-        if _any_process(stop["requested"]):
-            stop["requested"] = True
-            logging.warning("SIGTERM: saving step %d and stopping", step)
-            save(step, force=True)
-            break
+        if step % c.log_every == 0 or step == c.total_steps:
+            history += flush_metrics()
         if step % c.ckpt_every == 0 or step == c.total_steps:
             # Never save NaN: the steps since the last log are checked here too (ckpt_every need not be a multiple
             # of log_every).
             workdir_lib.check_finite([{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)], step)
             save(step)
         if c.eval_every and step % c.eval_every == 0 and step < c.total_steps:
-            run_evaluation(c, model, data, writer, step, workdir_path)
+            run_evaluation(c, model, data, writer, step, workdir_path, should_stop=should_stop)
+    if stop["requested"]:
+        history += flush_metrics()
+        if step > first_step and mngr.latest_step() != step:
+            logging.warning("SIGTERM: saving step %d and stopping", step)
+            save(step, force=True)
+        else:
+            logging.warning("SIGTERM: stopping at step %d (already saved)", step)
 
     # ----------------------------------------------------------------------------------------------------- End ----
-    cleanup.close()  # mngr.close() (waits for the last save), then the previous SIGTERM handler
+    mngr.wait_until_finished()  # the last save is complete before the export (our SIGTERM handler stays until return)
     result: dict[str, Any] = {"step": step, "history": history, "stopped_early": stop["requested"],
                               "seconds": time.perf_counter() - t_start}
     if not stop["requested"]:
         result["export"] = str(export(c, model, workdir_path, step))
         if c.eval_examples:
-            result["eval"] = run_evaluation(c, model, data, writer, step, workdir_path)
+            result["eval"] = run_evaluation(c, model, data, writer, step, workdir_path,
+                                            should_stop=lambda: _any_process(stop["requested"]))
     writer.flush()
     return result
 
@@ -513,7 +528,7 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
-def run_evaluation(c, model, data, writer, step: int, workdir: Path) -> dict[str, Any]:
+def run_evaluation(c, model, data, writer, step: int, workdir: Path, *, should_stop=lambda: False) -> dict[str, Any]:
     """Evaluates the model on the validation and held-out test splits (see `uvigu.evaluate`), writes
     `eval/step_N.json`, scalars, and samples."""
     from uvigu import evaluate
@@ -522,7 +537,10 @@ def run_evaluation(c, model, data, writer, step: int, workdir: Path) -> dict[str
         release = release_folder(c) or Path((data.manifest or {}).get("model", {}).get("path", ""))
         report = evaluate.sample_real_data(c, model, data, release=release, workdir=workdir, step=step)
     else:
-        report = evaluate.evaluate(c, model, data, workdir=workdir, step=step)
+        report = evaluate.evaluate(c, model, data, workdir=workdir, step=step, should_stop=should_stop)
+        if report.get("interrupted"):
+            logging.warning("SIGTERM: evaluation at step %d interrupted; nothing written", step)
+            return report
         writer.write_scalars(step, evaluate.flat_scalars(report))
     if jax.process_index() == 0:
         (workdir / "eval").mkdir(exist_ok=True)
