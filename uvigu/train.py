@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -296,6 +298,11 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     cleanup.callback(signal.signal, signal.SIGTERM, previous_handler)
+    # Python runs that handler only between bytecodes, i.e. not while XLA compiles or runs a step. A watcher thread
+    # also sees SIGTERM at once and, when nothing since the last checkpoint would be lost (setup, compilation,
+    # evaluation; one process), ends the run there and then.
+    live: dict[str, Any] = {"unsaved": False, "mngr": None, "workdir": None}
+    cleanup.enter_context(_sigterm_watch(lambda: _stop_now_if_nothing_unsaved(stop, live)))
     try:
         run_config.validate(c)  # every value, before a workdir, dataset or model exists
     except run_config.ConfigError as e:
@@ -344,6 +351,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
         item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
     )
     cleanup.callback(mngr.close)  # waits for saves in flight
+    live.update(mngr=mngr, workdir=workdir_path)
     rng = jax.random.key(c.seed)
     first_step = 0
     def restore_step(step: int):
@@ -377,6 +385,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
                  "opt": nnx.to_pure_dict(nnx.state(optimizer)), "rng": np.asarray(jax.random.key_data(rng))}
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                 data=grain.checkpoint.CheckpointSave(train_iter)), force=force)
+        live["unsaved"] = False  # (a save still in flight is checked separately: mngr.is_saving_in_progress)
 
     # ---------------------------------------------------------------------------------------------- Train step ----
     loss_fn = video_flow_loss if c.stage == "pretrain_t2v" else unified_flow_loss
@@ -422,6 +431,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
         with jax.set_mesh(mesh):
             metrics = train_step(model, optimizer, batch, jax.random.fold_in(rng, step))
         step += 1
+        live["unsaved"] = True
         pending.append(metrics)
         for hook in hooks:
             hook(step)
@@ -500,6 +510,50 @@ def release_folder(c: ml_collections.ConfigDict) -> Path | None:
         init = json.loads((Path(path) / RUN_CONFIG_FILE).read_text())["config"]["init"]
         kind, path = init["kind"], init["path"]
     return None
+
+
+@contextlib.contextmanager
+def _sigterm_watch(on_sigterm):
+    """Calls `on_sigterm()` from a thread as soon as SIGTERM arrives, even while the main thread is inside XLA.
+    (`signal.set_wakeup_fd` makes the interpreter's C-level handler write the signal number to a pipe; the thread
+    waits on it without the GIL, and XLA releases the GIL while it compiles and runs.)"""
+    if threading.current_thread() is not threading.main_thread():  # set_wakeup_fd is main-thread only
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch():
+        while data := os.read(read_fd, 512):
+            if signal.SIGTERM in data:
+                on_sigterm()
+
+    thread = threading.Thread(target=watch, name="sigterm-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)  # the watcher reads EOF and ends
+        thread.join(timeout=5)
+        os.close(read_fd)
+
+
+def _stop_now_if_nothing_unsaved(stop: dict, live: dict) -> None:
+    """SIGTERM (from the watcher thread): with one process, no step trained since the last checkpoint and no save in
+    flight, nothing can be lost, so the run ends now (exit 0) instead of after the compile / step / evaluation the
+    main thread is in. Otherwise the loop stops at its next check and saves."""
+    stop["requested"] = True
+    mngr = live["mngr"]
+    if jax.process_count() > 1 or live["unsaved"] or (mngr is not None and mngr.is_saving_in_progress()):
+        return
+    logging.warning("SIGTERM with nothing unsaved since the last checkpoint: stopping now")
+    if live["workdir"] is not None:  # our lock note (the flock itself goes with the process)
+        with contextlib.suppress(OSError):
+            (live["workdir"] / workdir_lib.LOCK_FILE).unlink()
+    logging.flush()
+    os._exit(0)
 
 
 def _restore_data_position(train_iter, folder: Path, step: int) -> None:
