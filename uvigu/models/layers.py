@@ -135,12 +135,19 @@ def dot_product_attention(
 
 def _attend(q, k, v, kv_mask, backend: AttentionBackend):
     if backend == "xla":
+        # Heads-major (B N L K) operands: both products are then plain batched matmuls, with no transposes of the
+        # [B, N, L, M] matrix (on XLA:CPU the token-major form ran ~1.5-2x slower, forward and backward).
+        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
         scale = 1.0 / math.sqrt(q.shape[-1])
-        logits = jnp.einsum("BLNK,BMNK->BNLM", q, k, preferred_element_type=jnp.float32) * scale
+        logits = jnp.einsum("BNLK,BNMK->BNLM", q, k, preferred_element_type=jnp.float32) * scale
         if kv_mask is not None:
             logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("BNLM,BMNK->BLNK", weights, v)
+        # Softmax with the normalisation after the second product: dividing [B, N, L, K] instead of [B, N, L, M]
+        # saves a pass over the big matrix forward and backward. The max is a constant shift (no gradient needed).
+        exp = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        out = jnp.einsum("BNLM,BNMK->BNLK", exp.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        out = out / jnp.sum(exp, axis=-1, keepdims=True)
+        return jnp.swapaxes(out.astype(v.dtype), 1, 2)
     if backend == "cudnn":
         mask = None if kv_mask is None else kv_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
