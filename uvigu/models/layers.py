@@ -13,6 +13,7 @@ XLA all-gathers K/V over `context` and every query row attends to all keys on it
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Literal
 
@@ -58,11 +59,35 @@ def dense(
 
 
 def layer_norm_fp32(x: Float[Array, "... D"], eps: float) -> Float[Array, "... D"]:
-    """LayerNorm without affine params, computed in float32 (returns float32)."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    """LayerNorm without affine params, computed in float32 (returns float32).
+
+    The backward is written by hand (`_layer_norm_bwd`): autodiff keeps several [.., D] intermediates per norm, and
+    under nnx.scan every one becomes a stacked per-layer buffer that is zero-filled, written and read back; this one
+    keeps the output and the [.., 1] reciprocal std only (~12% of a small DiT's forward+backward on XLA:CPU).
+    """
+    return _layer_norm(x.astype(jnp.float32), eps)
+
+
+def _layer_norm_fwd(x, eps):
+    centered = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + eps)
+    y = centered * rstd
+    return y, (y, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _layer_norm(x, eps):
+    return _layer_norm_fwd(x, eps)[0]
+
+
+def _layer_norm_bwd(eps, res, g):
+    # y = (x − mean) · rstd  =>  dx = rstd · (g − mean(g) − y · mean(g · y))
+    del eps
+    y, rstd = res
+    return (rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - y * jnp.mean(g * y, axis=-1, keepdims=True)),)
+
+
+_layer_norm.defvjp(lambda x, eps: _layer_norm_fwd(x, eps), _layer_norm_bwd)
 
 
 class AffineLayerNorm(nnx.Module):
