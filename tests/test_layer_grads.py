@@ -1,6 +1,6 @@
 """Hand-written backwards in uvigu.models.layers against autodiff of the plain formula and against PyTorch autograd,
 fp32, relative error ≤ 1e-5: the xla attention backend (without a mask, with a partial mask and with a fully masked
-query row: uniform weights, no gradient through the masked logits) and the float32 LayerNorm."""
+query row: uniform weights, no gradient through the masked logits), the float32 LayerNorm and GELU(tanh)."""
 
 from __future__ import annotations
 
@@ -111,3 +111,16 @@ def test_layer_norm_grad_keeps_the_input_dtype():
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 16)), jnp.bfloat16)
     g = jax.grad(lambda x: jnp.sum(layers.layer_norm_fp32(x, 1e-6) ** 3))(x)
     assert layers.layer_norm_fp32(x, 1e-6).dtype == jnp.float32 and g.dtype == jnp.bfloat16
+
+
+def test_gelu_tanh_grads_match_autodiff_and_torch():
+    x = np.linspace(-6.0, 6.0, 97, dtype=np.float32)
+    w = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    assert rel_err(layers.gelu_tanh(jnp.asarray(x)), jax.nn.gelu(x, approximate=True)) == 0.0
+    g = jax.jit(jax.grad(lambda x: jnp.sum(layers.gelu_tanh(x) * w)))(x)
+    assert rel_err(g, jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) * w))(x)) <= TOL
+    tx = torch.from_numpy(x).requires_grad_()
+    (torch.nn.functional.gelu(tx, approximate="tanh") * torch.from_numpy(w)).sum().backward()
+    assert rel_err(g, tx.grad.numpy()) <= TOL
+    gb = jax.grad(lambda x: jnp.sum(layers.gelu_tanh(x).astype(jnp.float32)))(jnp.asarray(x, jnp.bfloat16))
+    assert gb.dtype == jnp.bfloat16

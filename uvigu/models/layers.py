@@ -121,6 +121,31 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x: Float[Array, "..."]) -> Float[Array, "..."]:
+    """GELU, tanh approximation (`jax.nn.gelu(x, approximate=True)`), with a backward that keeps only x.
+
+    Autodiff keeps the tanh and other [.., F] intermediates of the FFN's widest activation; under nnx.scan each is a
+    stacked per-layer buffer (zero-filled, written, read back). Recomputing the tanh in the backward is cheaper on
+    XLA:CPU (~7% of a small DiT's forward+backward).
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf**3))
+    # d/dx 0.5·x·(1 + t) = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²)
+    d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
+    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(lambda x: (gelu_tanh(x), x), _gelu_tanh_bwd)
+
+
 def modulate(x_normed: Float[Array, "B L D"], shift: Float[Array, "B #L D"], scale: Float[Array, "B #L D"]):
     """adaLN modulation in float32: norm(x) * (1 + scale) + shift."""
     return x_normed * (1.0 + scale) + shift
@@ -345,6 +370,7 @@ __all__ = [
     "apply_rope",
     "dense",
     "dot_product_attention",
+    "gelu_tanh",
     "layer_norm_fp32",
     "modulate",
     "remat_block_fn",
