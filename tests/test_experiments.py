@@ -14,7 +14,7 @@ import pytest
 # puts on the path but a bare `pytest` (or a run from inside tests/) does not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import bench_dit, param_overhead, wan_parity_report  # noqa: E402
+from experiments import bench_cpu, bench_dit, param_overhead, wan_parity_report  # noqa: E402
 
 DIT_1_3B_PARAMS = 1_418_996_800
 
@@ -141,3 +141,29 @@ def test_half_width_ffn_t_is_smaller():
 @pytest.mark.parametrize("module", [bench_dit, param_overhead, wan_parity_report])
 def test_parsers_take_defaults(module):
     assert isinstance(module.build_parser().parse_args([]), argparse.Namespace)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bench_cpu: configs and flags (the timing itself is not run here).
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_bench_cpu_configs_match_the_issue():
+    assert bench_cpu.token_count("small") == 320 and bench_cpu.CONFIGS["small"][2] == 4
+    assert bench_cpu.token_count("wide") == 1536 and bench_cpu.CONFIGS["wide"][2] == 1
+    small, wide = bench_cpu.wan_config("small", {}), bench_cpu.wan_config("wide", {})
+    assert (small.dim, small.num_layers, small.head_dim) == (128, 4, 32)
+    assert (wide.dim, wide.num_layers, wide.head_dim) == (512, 2, 128)
+    assert small.remat_policy == "none" and small.scan_layers  # no remat: the same work as diffusers
+
+
+def test_bench_cpu_exec_overrides():
+    got = bench_cpu.parse_exec_overrides("scan_layers=false, remat_policy=dots,attention_backend=xla")
+    assert got == {"scan_layers": False, "remat_policy": "dots", "attention_backend": "xla"}
+    assert bench_cpu.wan_config("small", got).remat_policy == "dots"
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        bench_cpu.parse_exec_overrides("num_layers=3")
+    with pytest.raises(ValueError, match="boolean"):
+        bench_cpu.parse_exec_overrides("scan_layers=maybe")
+    with pytest.raises(ValueError, match="remat_policy"):
+        bench_cpu.wan_config("small", {"remat_policy": "sometimes"})

@@ -13,6 +13,7 @@ XLA all-gathers K/V over `context` and every query row attends to all keys on it
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Literal
 
@@ -58,11 +59,35 @@ def dense(
 
 
 def layer_norm_fp32(x: Float[Array, "... D"], eps: float) -> Float[Array, "... D"]:
-    """LayerNorm without affine params, computed in float32 (returns float32)."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    """LayerNorm without affine params, computed in float32 (returns float32).
+
+    The backward is written by hand (`_layer_norm_bwd`): autodiff keeps several [.., D] intermediates per norm, and
+    under nnx.scan every one becomes a stacked per-layer buffer that is zero-filled, written and read back; this one
+    keeps the output and the [.., 1] reciprocal std only (~12% of a small DiT's forward+backward on XLA:CPU).
+    """
+    return _layer_norm(x.astype(jnp.float32), eps)
+
+
+def _layer_norm_fwd(x, eps):
+    centered = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + eps)
+    y = centered * rstd
+    return y, (y, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _layer_norm(x, eps):
+    return _layer_norm_fwd(x, eps)[0]
+
+
+def _layer_norm_bwd(eps, res, g):
+    # y = (x − mean) · rstd  =>  dx = rstd · (g − mean(g) − y · mean(g · y))
+    del eps
+    y, rstd = res
+    return (rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - y * jnp.mean(g * y, axis=-1, keepdims=True)),)
+
+
+_layer_norm.defvjp(lambda x, eps: _layer_norm_fwd(x, eps), _layer_norm_bwd)
 
 
 class AffineLayerNorm(nnx.Module):
@@ -94,6 +119,31 @@ class RMSNorm(nnx.Module):
         y = x.astype(jnp.float32)
         y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x: Float[Array, "..."]) -> Float[Array, "..."]:
+    """GELU, tanh approximation (`jax.nn.gelu(x, approximate=True)`), with a backward that keeps only x.
+
+    Autodiff keeps the tanh and other [.., F] intermediates of the FFN's widest activation; under nnx.scan each is a
+    stacked per-layer buffer (zero-filled, written, read back). Recomputing the tanh in the backward is cheaper on
+    XLA:CPU (~7% of a small DiT's forward+backward).
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf**3))
+    # d/dx 0.5·x·(1 + t) = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²)
+    d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
+    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(lambda x: (gelu_tanh(x), x), _gelu_tanh_bwd)
 
 
 def modulate(x_normed: Float[Array, "B L D"], shift: Float[Array, "B #L D"], scale: Float[Array, "B #L D"]):
@@ -135,16 +185,77 @@ def dot_product_attention(
 
 def _attend(q, k, v, kv_mask, backend: AttentionBackend):
     if backend == "xla":
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        logits = jnp.einsum("BLNK,BMNK->BNLM", q, k, preferred_element_type=jnp.float32) * scale
-        if kv_mask is not None:
-            logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("BNLM,BMNK->BLNK", weights, v)
+        # Heads-major (B N L K) operands: both products are then plain batched matmuls, with no transposes of the
+        # [B, N, L, M] matrix (on XLA:CPU the token-major form ran ~1.5-2x slower, forward and backward).
+        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+        return jnp.swapaxes(_softmax_attention(q, k, v, kv_mask), 1, 2)
     if backend == "cudnn":
         mask = None if kv_mask is None else kv_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     raise AssertionError(backend)
+
+
+def _masked_logits(s: Float[Array, "B N L M"], kv_mask, key_axis: int) -> Float[Array, "B N L M"]:
+    if kv_mask is None:
+        return s
+    mask = kv_mask[:, None, None, :] if key_axis == 3 else kv_mask[:, None, :, None]
+    return jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+
+
+def _softmax_attention_fwd(q, k, v, kv_mask):
+    """softmax(q kᵀ / sqrt(K)) v on B N L K operands, float32 logits; also the row max and sum [B N L 1] for the
+    backward (kept apart, not as a log-sum-exp, so that a fully masked row keeps its uniform weights there too).
+
+    The normalisation comes after the value product: dividing [B, N, L, K] instead of [B, N, L, M] saves a pass over
+    the big matrix.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = _masked_logits(jnp.einsum("BNLK,BNMK->BNLM", q, k, preferred_element_type=jnp.float32) * scale, kv_mask, 3)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("BNLM,BNMK->BNLK", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+    return o.astype(v.dtype), (m, total)
+
+
+@jax.custom_vjp
+def _softmax_attention(q: Float[Array, "B N L K"], k: Float[Array, "B N M K"], v: Float[Array, "B N M K"],
+                       kv_mask: Bool[Array, "B M"] | None) -> Float[Array, "B N L K"]:
+    """Softmax attention with a hand-written backward.
+
+    Why: autodiff saves the [B, N, L, M] probabilities (under nn.scan: a stacked buffer per layer, zero-filled,
+    written and read back) and differentiates into products that contract the row axis of a matrix (P^T dO, dS^T Q),
+    which XLA:CPU runs ~2-5x slower than plain row-major products. This backward keeps only o and the row statistics,
+    recomputes the probabilities *transposed* (k qᵀ, a plain product) and writes every product as [.., X, Y] @ [.., Y,
+    Z] on materialised operands: dv = Pᵀ do, dk = dSᵀ q, dqᵀ = kᵀ dSᵀ, with dS = P (dP − rowsum(do·o)) / sqrt(K).
+    """
+    return _softmax_attention_fwd(q, k, v, kv_mask)[0]
+
+
+def _softmax_attention_vjp_fwd(q, k, v, kv_mask):
+    o, stats = _softmax_attention_fwd(q, k, v, kv_mask)
+    return o, (q, k, v, kv_mask, o, stats)
+
+
+def _softmax_attention_vjp_bwd(res, do):
+    q, k, v, kv_mask, o, (m, total) = res
+    f32 = jnp.float32
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q_t, do_t = jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)  # [B N K L]
+    s_t = _masked_logits(jnp.einsum("BNMK,BNKL->BNML", k, q_t, preferred_element_type=f32) * scale, kv_mask, 2)
+    p_t = jnp.exp(s_t - jnp.swapaxes(m, 2, 3)) / jnp.swapaxes(total, 2, 3)  # Pᵀ [B N M L]
+    dv = jnp.einsum("BNML,BNLK->BNMK", p_t.astype(do.dtype), do, preferred_element_type=f32)
+    dp_t = jnp.einsum("BNMK,BNKL->BNML", v, do_t, preferred_element_type=f32)
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)  # rowsum(dO·O) = rowsum(P·dP), [B N L]
+    ds_t = p_t * (dp_t - delta[:, :, None, :]) * scale
+    if kv_mask is not None:  # masked logits are constants (a fully masked row still has weights 1/M)
+        ds_t = jnp.where(kv_mask[:, None, :, None], ds_t, 0.0)
+    dk = jnp.einsum("BNML,BNLK->BNMK", ds_t.astype(q.dtype), q, preferred_element_type=f32)
+    dq_t = jnp.einsum("BNKM,BNML->BNKL", jnp.swapaxes(k, 2, 3), ds_t.astype(k.dtype), preferred_element_type=f32)
+    return jnp.swapaxes(dq_t, 2, 3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_softmax_attention.defvjp(_softmax_attention_vjp_fwd, _softmax_attention_vjp_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -259,6 +370,7 @@ __all__ = [
     "apply_rope",
     "dense",
     "dot_product_attention",
+    "gelu_tanh",
     "layer_norm_fp32",
     "modulate",
     "remat_block_fn",

@@ -173,7 +173,7 @@ class WanFeedForward(nnx.Module):
         self.proj_out = layers.dense(hidden_dim, dim, ("mlp", "embed"), **proj)
 
     def __call__(self, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
-        h = jax.nn.gelu(self.proj_in(x), approximate=True)
+        h = layers.gelu_tanh(self.proj_in(x))
         h = sharding.constrain(layers.tag(h, "ffn_hidden"), ("act_batch", "act_length", "act_mlp"))
         return self.proj_out(h)
 
@@ -304,7 +304,7 @@ class TimeTextEmbedding(TimeEmbedding):
         )
 
     def text(self, context: Float[Array, "B S G"]) -> Float[Array, "B S D"]:
-        h = jax.nn.gelu(self.text_embedder["linear_1"](context), approximate=True)
+        h = layers.gelu_tanh(self.text_embedder["linear_1"](context))
         return self.text_embedder["linear_2"](h)
 
 
