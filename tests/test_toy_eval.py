@@ -139,3 +139,18 @@ def test_caption_scorer_gives_truth_one_and_shuffled_captions_chance():
     prompts = toy_metrics.caption_accuracy([world.prompt_text(s) for s in scenes], truth,
                                            attributes=world.PROMPT_ATTRIBUTES)
     assert all(prompts[name] == 1.0 for name in world.PROMPT_ATTRIBUTES)
+
+
+def test_joint_agreement_compares_caption_with_the_video_it_came_with():
+    scenes, videos = _ground_truth(60)
+    captions = [world.caption_text(s) for s in scenes]
+    assert toy_metrics.joint_agreement(videos, captions) == {
+        "shape": 1.0, "colour": 1.0, "motion": 1.0, "agreement": 1.0, "exact_match": 1.0, "count": len(scenes)}
+    # Captions of other videos agree only by chance; one that names no shape never agrees on shape.
+    shuffled = [captions[i] for i in np.random.default_rng(0).permutation(len(captions))]
+    got = toy_metrics.joint_agreement(videos, shuffled)
+    assert got["agreement"] < 0.5 and got["exact_match"] < 0.15
+    blank = toy_metrics.joint_agreement(videos[:1], ["a red thing moves left"])
+    assert blank["shape"] == 0.0 and blank["count"] == 1
+    with pytest.raises(ValueError, match="captions for"):
+        toy_metrics.joint_agreement(videos[:2], captions[:1])

@@ -4,7 +4,8 @@
          accuracy + exact match.
   T2V    generate a clip from each prompt (clean prompt text, video from noise, CFG on the video velocity); decode
          with the codec; an independent pixel detector reads the attributes back; per-attribute accuracy.
-  joint  a few (video, caption) pairs generated together, saved as samples.
+  joint  a (video, caption) pair generated together from each prompt (CFG on the video velocity); scored by how often
+         the caption says what the detector reads in its own video (shape, colour, motion: `joint_agreement`).
 on `validation` and on `test`, whose (shape, colour, motion) combinations never occur in training. Stage 1 is scored
 on the prompt's attributes (its target text is the prompt), stage 2 on all of them; T2V always on the prompt's.
 Samples (GIFs, caption lists) go to `WORKDIR/samples/step_N/`.
@@ -90,6 +91,9 @@ def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int,
         if "v2t" in outputs:
             captions = data.tokenizer.decode(np.concatenate(outputs["v2t"]))
             split_report["v2t"] = toy_metrics.caption_accuracy(captions, truth, attributes=scored)
+            joint_videos = data.codec.decode(np.concatenate(outputs["joint_video"]))
+            joint_captions = data.tokenizer.decode(np.concatenate(outputs["joint_text"]))
+            split_report["joint"] = toy_metrics.joint_agreement(joint_videos, joint_captions)
         report[split] = split_report
         _save_samples(Path(workdir) / "samples" / f"step_{step}" / split, c.sample.num_saved, videos, records_seen,
                       captions, data, outputs)

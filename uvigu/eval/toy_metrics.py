@@ -177,6 +177,26 @@ def video_accuracy(videos, true_attributes: Sequence[Mapping[str, str]],
     return _accuracy([detect_attributes(v) for v in videos], true_attributes, attributes)
 
 
+def joint_agreement(videos, captions: Sequence[str], attributes: Sequence[str] = ("shape", "colour", "motion"),
+                    spec: WorldSpec | None = None) -> dict[str, float | int]:
+    """Joint generation, scored without ground truth: how often the caption generated with a video says what the
+    detector reads in that video. Per attribute, the fraction of pairs where both give the same value (an attribute
+    the caption or the detector cannot give counts as a disagreement); `agreement` is their mean over `attributes`,
+    `exact_match` the fraction of pairs agreeing on all of them."""
+    if len(videos) != len(captions):
+        raise ValueError(f"{len(captions)} captions for {len(videos)} videos")
+    if not len(captions):
+        raise ValueError("no pairs to score")
+    agree = np.array([[d[a] is not None and d[a] == p[a] for a in attributes]
+                      for d, p in zip((detect_attributes(v) for v in videos),
+                                      (parse_caption(t, spec) for t in captions))], bool)
+    metrics: dict[str, float | int] = {a: float(agree[:, j].mean()) for j, a in enumerate(attributes)}
+    metrics["agreement"] = float(agree.mean())
+    metrics["exact_match"] = float(agree.all(axis=1).mean())
+    metrics["count"] = len(captions)
+    return metrics
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Context and output.
 # ----------------------------------------------------------------------------------------------------------------------
