@@ -23,6 +23,6 @@ def get_config(arg=None):
     if variant == "tiny":
         run_config.use_toy_world(c)
         c.init.path = "runs/pretrain_t2v/export/dit"
-        c.flow.cond_dropout = 0.9  # knowledge recall pushed to the limit: captions mostly from the video alone
+        c.flow.cond_dropout = 0.3  # the exact V2T examples (most of them) drop the prompt anyway
         c.total_steps = 400
     return c

@@ -68,7 +68,7 @@ def test_spec_rejects_inconsistent_worlds():
     with pytest.raises(ValueError, match="among"):
         world.WorldSpec(colours=("red", "purple"))
     with pytest.raises(ValueError, match="divisible"):
-        world.WorldSpec(height=34)
+        world.WorldSpec(height=33)
 
 
 def test_generation_is_seeded_and_reproducible():
@@ -124,7 +124,10 @@ def test_videos_keep_the_shape_whole_and_in_frame():
 
 
 def test_codec_round_trip_shapes_and_layout():
-    codec = ToyCodec.from_spec(world.WorldSpec())
+    spec = world.WorldSpec()
+    default = ToyCodec.from_spec(spec)  # the world's: 16x16 RGB -> 8x8x12, as many values as pixels x 3
+    assert default.latent_channels == 12 and default.latent_shape(5, 16, 16) == (5, 8, 8, 12)
+    codec = ToyCodec(4, spec.codec_mean, spec.codec_std)
     assert codec.latent_channels == 48 and codec.stride == (1, 4, 4)
     assert codec.latent_shape(9, 32, 32) == (9, 8, 8, 48)
     video = np.random.default_rng(0).uniform(-1, 1, (2, 9, 32, 32, 3)).astype(np.float32)
@@ -202,7 +205,7 @@ def test_tokenizer_is_deterministic_truncates_and_loads(tmp_path):
 def test_shards_hold_the_examples(built):
     manifest = built.read_manifest()
     assert [len(built.shards[s]) for s in world.SPLITS] == [3, 1, 1]
-    assert manifest["fields"]["latents"]["shape"] == [9, 8, 8, 48]
+    assert manifest["fields"]["latents"]["shape"] == [5, 8, 8, 12]
     assert manifest["fields"]["context"]["shape"] == [SMALL.prompt_len, 8]
     tok, codec, stub = built.open_tokenizer(), built.open_codec(), StubEncoder(0)
     for split in world.SPLITS:
@@ -346,7 +349,7 @@ def test_grain_reads_the_source(built):
           .batch(8, drop_remainder=True))
     batches = list(ds.to_iter_dataset())
     assert len(batches) == len(source) // 8
-    assert batches[0]["latents"].shape == (8, 9, 8, 8, 48) and batches[0]["caption_ids"].shape == (8, 16)
+    assert batches[0]["latents"].shape == (8, 5, 8, 8, 12) and batches[0]["caption_ids"].shape == (8, 16)
     seen = sorted(int(i) for b in batches for i in b["index"])
     assert seen == list(range(len(source)))  # every example once per epoch, shuffled
     assert [int(i) for i in batches[0]["index"]] != list(range(8))

@@ -279,3 +279,33 @@ def test_remat_keeps_values_and_grads(policy, scan_layers):
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_exact_v2t_examples_drop_the_prompt_and_the_rest_keep_it():
+    """train.unified_flow_loss: examples made exact V2T (clean video) see the null context with probability
+    clean_video_cond_dropout (captioning runs from the video alone), the rest with cond_dropout."""
+    import ml_collections
+
+    from uvigu import train
+
+    model = _model("discrete")
+    # Zero-initialised params (the text head) made random, so the text loss depends on what the model sees.
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(
+        lambda p: p + 0.2 * jax.random.normal(jax.random.key(5), p.shape) if not jnp.any(p) else p, params))
+    batch = {"latents": X, "text_ids": IDS, "text_mask": MASK, "context": CTX}
+
+    def loss(context, **flow_config):
+        fc = ml_collections.ConfigDict(dict(tau_sampling="uniform", tau_shift=3.0, tau_mean=0.0, tau_std=1.0,
+                                            clean_text_prob=0.0, rounding_weight=0.0, **flow_config))
+        return float(train.unified_flow_loss(model, dict(batch, context=context), jax.random.key(3), fc)[0])
+
+    other = CTX + 1.0
+    v2t = dict(clean_video_prob=1.0, cond_dropout=0.0)
+    # Every example exact V2T: the prompt is never seen, whatever it is ...
+    assert loss(CTX, clean_video_cond_dropout=1.0, **v2t) == loss(other, clean_video_cond_dropout=1.0, **v2t)
+    # ... unless their own dropout says keep it; and with no exact V2T examples cond_dropout alone decides.
+    assert loss(CTX, clean_video_cond_dropout=0.0, **v2t) != loss(other, clean_video_cond_dropout=0.0, **v2t)
+    gen = dict(clean_video_prob=0.0, clean_video_cond_dropout=1.0)
+    assert loss(CTX, cond_dropout=0.0, **gen) != loss(other, cond_dropout=0.0, **gen)
+    assert loss(CTX, cond_dropout=1.0, **gen) == loss(other, cond_dropout=1.0, **gen)

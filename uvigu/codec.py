@@ -6,8 +6,8 @@
 
 The toy world's codec stands where the Wan VAE stands:
 
-Space-to-depth by a factor s (default 4): each s×s pixel block becomes one latent position with s·s·3 channels, so
-[B, F, 32, 32, 3] -> [B, F, 8, 8, 48]; time is not compressed (stride (1, s, s)). Like the Wan VAE's latents, the
+Space-to-depth by a factor s (the toy world's: 2): each s×s pixel block becomes one latent position with s·s·3
+channels, so [B, F, 16, 16, 3] -> [B, F, 8, 8, 12]; time is not compressed (stride (1, s, s)). Like the Wan VAE's latents, the
 result is normalised per channel with fixed constants: every latent channel holds one RGB channel of one pixel of the
 block, and uses that RGB channel's mean / std (`WorldSpec.codec_mean` / `codec_std`, measured once on the world).
 Being an affine reshuffle, decode(encode(x)) == x up to float rounding.

@@ -18,7 +18,7 @@ def open_datasets(c) -> Datasets:
 
     d = c.data
     if d.kind == "toy_world":
-        paths = build_toy_world_for_run(d.path, seed=c.seed, train_size=d.train_size, val_size=d.val_size,
+        paths = build_toy_world_for_run(d.path, seed=d.world_seed, train_size=d.train_size, val_size=d.val_size,
                                         test_size=d.test_size, context_len=c.model.wan.text_len)
     elif d.kind == "shards":
         if not d.path:

@@ -79,7 +79,10 @@ def unified_flow_loss(model: UniViGU, batch: dict, key, fc) -> tuple[jax.Array, 
                                        std=fc.tau_std)
     tau_v, tau_t = flow.mix_tasks(k_task, tau_v, tau_t, fc.clean_video_prob, fc.clean_text_prob)
     z0 = jax.random.normal(k_nv, z1.shape, z1.dtype)
-    context = flow.drop_condition(k_drop, batch["context"], fc.cond_dropout)
+    # Exact V2T examples (clean video) drop the prompt as inference does; the others keep the usual CFG dropout, so
+    # conditional generation stays trained.
+    drop_p = jnp.where(tau_v >= 1.0, fc.clean_video_cond_dropout, fc.cond_dropout)
+    context = flow.drop_condition(k_drop, batch["context"], drop_p)
     text_flow = model.text_flow
     text_in, text_target = text_flow.corrupt(k_nt, ids, tau_t)
     video_v, text_out = model(flow.interpolate(z1, z0, tau_v), text_in, tau_v, tau_t, context, mask)
