@@ -48,6 +48,7 @@ setup(
             "ipykernel",
             "peft",  # LoRA parity against diffusers + PEFT
             "accelerate",  # peft needs it
+            "matplotlib",  # the plots of experiments/ (prior_ablation); its report writer is tested
             "pytest",
             "pytest-xdist",
         ],
