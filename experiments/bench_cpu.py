@@ -97,12 +97,7 @@ def build_diffusers(cfg: WanConfig, seed: int):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps, rope_max_seq_len=cfg.rope_max_positions,
-    )
+    model = WanTransformer3DModel(**wan_keys.diffusers_config(cfg))
     return model.float().train()  # no dropout in Wan: train() only matters for autograd bookkeeping
 
 

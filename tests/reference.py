@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from uvigu.models import wan_keys
 from uvigu.models.wan import WanConfig
 
 
@@ -16,12 +17,7 @@ def diffusers_wan(cfg: WanConfig, seed: int = 0, dtype=torch.float32):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps, rope_max_seq_len=cfg.rope_max_positions,
-    )
+    model = WanTransformer3DModel(**wan_keys.diffusers_config(cfg))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

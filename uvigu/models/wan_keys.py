@@ -168,6 +168,15 @@ def to_diffusers(diffusers_key: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def diffusers_config(cfg: WanConfig) -> dict[str, Any]:
+    """The arguments of diffusers' `WanTransformer3DModel(**...)` (its config.json fields) for `cfg`'s architecture."""
+    return dict(patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
+                freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+                cross_attn_norm=cfg.cross_attn_norm, qk_norm="rms_norm_across_heads", eps=cfg.eps,
+                rope_max_seq_len=cfg.rope_max_positions)
+
+
 def expected_diffusers_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     """Every key of a diffusers Wan2.1 T2V transformer with this architecture, and its torch shape."""
     d, f = cfg.dim, cfg.ffn_dim
