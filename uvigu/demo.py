@@ -21,14 +21,15 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from uvigu import run_config
+from uvigu import atomic_files, run_config
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Where the world, the three workdirs and the samples go.")
 _TEXT_FLOW = flags.DEFINE_enum("text_flow", "discrete", ["discrete", "embedding"], "The text flow of stages 1-2.")
 _STEPS = flags.DEFINE_list("steps", None, "Training steps of pretrain_t2v,stage1,stage2 (default: the configs').")
 
-def stage_configs(root: Path, text_flow: str, steps: list[int] | None):
-    """The three tiny configs, chained: stage 1 starts from the pretrain export, stage 2 from the stage-1 workdir."""
+def stage_configs(root: Path, text_flow: str, steps: list[int] | None, overrides: dict | None = None):
+    """The three tiny configs, chained: stage 1 starts from the pretrain export, stage 2 from the stage-1 workdir.
+    `overrides` ({"model.wan.dim": 32, ...}) go into every stage (the tests' smaller demo)."""
     out = {}
     for i, stage in enumerate(("pretrain_t2v", "stage1", "stage2")):
         c = run_config.load(stage, "tiny")
@@ -40,8 +41,35 @@ def stage_configs(root: Path, text_flow: str, steps: list[int] | None):
             c.init.path = str(root / "pretrain_t2v" / "export" / "dit")
         elif stage == "stage2":
             c.init.path = str(root / "stage1")
+        for key, value in (overrides or {}).items():
+            *parents, last = key.split(".")
+            node = c
+            for part in parents:
+                node = node[part]
+            node[last] = value
         out[stage] = c
     return out
+
+
+def run(root: Path, text_flow: str, steps: list[int] | None = None, overrides: dict | None = None) -> dict:
+    """Trains (or resumes) the three stages under `root` and writes `root/demo_result.json`: the run's seconds, text
+    flow and each stage's evaluation (`pretrain_t2v`, `stage1`, `stage2`: `{validation,test}.{t2v,v2t,joint}`).
+    Returns that summary."""
+    from uvigu import train
+
+    t0 = time.perf_counter()
+    summary: dict = {"text_flow": text_flow}
+    for stage, c in stage_configs(root, text_flow, steps, overrides).items():
+        t_stage = time.perf_counter()
+        logging.info("==== %s (%d steps) ====", stage, c.total_steps)
+        result = train.train_and_evaluate(c, str(root / stage))
+        history = result["history"]
+        done = f"final loss {history[-1]['loss']:.4f}" if history else "already trained (resumed at its last step)"
+        print(f"{stage:>13}: {c.total_steps} steps, {done}, {time.perf_counter() - t_stage:.0f} s", flush=True)
+        summary[stage] = result["eval"]
+    summary["seconds"] = time.perf_counter() - t0
+    atomic_files.write_text(root / "demo_result.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def format_table(report: dict, chance: dict) -> str:
@@ -59,38 +87,25 @@ def format_table(report: dict, chance: dict) -> str:
 
 def main(argv):
     del argv
-    from uvigu import train
-
     root = Path(_ROOT.value).absolute()
     steps = [int(s) for s in _STEPS.value] if _STEPS.value else None
-    t0 = time.perf_counter()
-    results = {}
-    for stage, c in stage_configs(root, _TEXT_FLOW.value, steps).items():
-        t_stage = time.perf_counter()
-        logging.info("==== %s (%d steps) ====", stage, c.total_steps)
-        results[stage] = train.train_and_evaluate(c, str(root / stage))
-        history = results[stage]["history"]
-        done = f"final loss {history[-1]['loss']:.4f}" if history else "already trained (resumed at its last step)"
-        print(f"{stage:>13}: {c.total_steps} steps, {done}, {time.perf_counter() - t_stage:.0f} s", flush=True)
-    final = results["stage2"]["eval"]
+    summary = run(root, _TEXT_FLOW.value, steps)
+    final = summary["stage2"]
     chance = final["chance"]
-    summary = {"seconds": time.perf_counter() - t0, "text_flow": _TEXT_FLOW.value,
-               **{stage: results[stage]["eval"] for stage in ("pretrain_t2v", "stage1", "stage2")}}
-    (root / "demo_result.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nUni-ViGU toy world, text flow '{_TEXT_FLOW.value}', {summary['seconds'] / 60:.1f} min on the CPU")
     print("test = held-out (shape, colour, motion) combinations never seen in training; T2V scored on the prompt's "
           "attributes by a pixel detector, V2T on every attribute of the parsed caption.\n")
     print("the generator (pretrain_t2v: video-only flow matching, before any text layers)")
-    print(format_table(results["pretrain_t2v"]["eval"], chance))
+    print(format_table(summary["pretrain_t2v"], chance))
     print("\nafter stage 1 (Knowledge Recall: prompt as target)")
-    print(format_table(results["stage1"]["eval"], chance))
+    print(format_table(summary["stage1"], chance))
     print("\nafter stage 2 (Capability Refinement: detailed caption as target)")
     print(format_table(final, chance))
     joint = final["test"]["joint"]
     print(f"\njoint generation on held-out prompts: the generated caption agrees with the detector's reading of its "
           f"own video on shape {joint['shape']:.2f}, colour {joint['colour']:.2f}, motion {joint['motion']:.2f} "
           f"(mean {joint['agreement']:.2f}; all three {joint['exact_match']:.2f})")
-    generator = results["pretrain_t2v"]["eval"]["test"]["t2v"]
+    generator = summary["pretrain_t2v"]["test"]["t2v"]
     kept = ", ".join(f"{a} {final['test']['t2v'][a] - generator[a]:+.2f}" for a in ("shape", "colour", "motion"))
     print(f"the generative prior kept: held-out T2V after stage 2 minus the generator's: {kept}")
     print(f"\nsamples: {root}/stage2/samples/  (T2V and joint GIFs, captions.txt)")
