@@ -79,7 +79,7 @@ def arm_stages(arm: str, seed: int, root: Path, prior: Path, world: Path, steps:
         c.seed = seed
         c.data.path = str(world)
         c.total_steps = length
-        c.eval_every = max(1, length // evals)
+        c.eval_every = max(1, -(-length // evals))  # the last periodic evaluation is the final one
         c.eval_examples = eval_examples
         c.sample.num_saved = 0
         if arm == "embedding":
@@ -256,7 +256,10 @@ def main(argv):
                 for stage in stages_of(arm, seed):
                     logging.info("==== %s seed %d: %s (%d steps) ====", arm, seed, stage.name,
                                  stage.config.total_steps)
-                    train.train_and_evaluate(stage.config, str(stage.workdir))
+                    if train.train_and_evaluate(stage.config, str(stage.workdir))["stopped_early"]:
+                        logging.warning("SIGTERM: the sweep stops here (rerun it to resume)")
+                        write_report(root, out, _ARMS.value, seeds, steps, stages_of)
+                        return None
                 write_report(root, out, _ARMS.value, seeds, steps, stages_of)
     summary = write_report(root, out, _ARMS.value, seeds, steps, stages_of)
     print((out / "prior_ablation.md").read_text())
