@@ -23,7 +23,7 @@ detector; `uvigu.evaluate`). Outputs, under `--out` (default experiments/results
   prior_ablation.png   held-out V2T (mean over shape/colour/motion, the attributes both stages score) and T2V
                        against the step, one line per arm (mean over seeds, band: ± std)
   prior_ablation.json  every run's curve and final metrics
-Runs live under `--root`; a finished run is not retrained when the script is run again.
+Runs live under `--runs`; a finished run is not retrained when the script is run again.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ ARMS = ("method", "no_recall", "no_prior", "frozen_video", "embedding")
 PROMPT_ATTRIBUTES = ("shape", "colour", "motion")
 V2T_COLUMNS = ("shape", "colour", "motion", "size", "speed", "position", "background", "exact_match")
 
-_ROOT = flags.DEFINE_string("root", "runs/prior_ablation", "Where the runs go.")
+# (--runs, not --root: uvigu.demo defines --root, and both may be imported in one process.)
+_RUNS = flags.DEFINE_string("runs", "runs/prior_ablation", "Where the runs go.")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Where the table, plot and JSON go.")
 _PRIOR = flags.DEFINE_string("prior", "runs/demo/pretrain_t2v", "The pretrain_t2v workdir of the generator prior "
                              "(trained there first if it has no export).")
@@ -50,7 +51,7 @@ _ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, among {ARMS}.")
 _SCALE = flags.DEFINE_float("scale", 1.0, "Stage lengths as a fraction of the tiny configs'.")
 _EVALS = flags.DEFINE_integer("evals", 4, "Evaluations per run (the last at its end).")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 128, "Held-out examples per evaluation.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from the runs under --root.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from the runs under --runs.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +240,7 @@ def main(argv):
     del argv
     from uvigu import train
 
-    root, out, prior, world = (Path(f.value).absolute() for f in (_ROOT, _OUT, _PRIOR, _WORLD))
+    root, out, prior, world = (Path(f.value).absolute() for f in (_RUNS, _OUT, _PRIOR, _WORLD))
     seeds = [int(s) for s in _SEEDS.value]
     unknown = set(_ARMS.value) - set(ARMS)
     if unknown:

@@ -107,13 +107,16 @@ def test_videos_keep_the_shape_whole_and_in_frame():
     spec = world.WorldSpec()
     for scene in world.split_scenes(spec, "train")[:200]:
         video = world.render(spec, scene)
-        assert video.shape == (9, 32, 32, 3) and video.dtype == np.float32
+        assert video.shape == (spec.frames, spec.height, spec.width, 3) == (5, 16, 16, 3)
+        assert video.dtype == np.float32
         assert set(np.unique(video)) <= {-1.0, 0.0, 1.0}
         shape_pixels = (video != np.asarray(world.BACKGROUND_RGB[scene.background])).any(-1).sum((1, 2))
         assert len(set(shape_pixels.tolist())) == 1 and shape_pixels[0] > 0, scene  # never clipped by the border
-    scene = world.Scene("square", "red", "right", "small", "fast", "top", "gray", lane_offset=0, start=4)
+    # A small (5 px) square in the top lane, 2 px per frame from x = 2: x 0..4 in frame 0, 8..12 in frame 4.
+    scene = world.Scene("square", "red", "right", "small", "fast", "top", "gray", lane_offset=0, start=2)
     video = world.render(spec, scene)
-    assert (video[0, 0:9, 0:9] == (1, -1, -1)).all() and (video[-1, 0:9, 16:25] == (1, -1, -1)).all()
+    assert (video[0, 0:5, 0:5] == (1, -1, -1)).all() and (video[-1, 0:5, 8:13] == (1, -1, -1)).all()
+    assert (video[0, 5:] == 0).all() and (video[-1, :, 13:] == 0).all() and (video[-1, :, :8] == 0).all()
     assert world.prompt_text(scene) == "a red square moves right"
     assert world.caption_text(scene) == "a small red square moves right quickly along the top on a gray background"
 

@@ -611,7 +611,7 @@ def test_evaluation_report_and_samples(chain):
     assert report["step"] == 2 and report["stage"] == "stage2"
     for split in ("validation", "test"):
         section = report[split]
-        assert set(section) == {"t2v", "v2t"}
+        assert set(section) == {"t2v", "v2t", "joint"}
         assert set(section["t2v"]) == {*PROMPT_ATTRIBUTES, "exact_match", "count"}
         assert set(section["v2t"]) == {*ATTRIBUTES, "exact_match", "count"}  # stage 2: every attribute
         for mode in ("t2v", "v2t"):
