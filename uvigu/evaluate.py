@@ -88,19 +88,23 @@ def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int,
         videos = data.codec.decode(np.concatenate(outputs["t2v"]))
         split_report = {"t2v": toy_metrics.video_accuracy(videos, truth, attributes=PROMPT_ATTRIBUTES)}
         captions: list[str] = []
+        joint: tuple = ()
         if "v2t" in outputs:
             captions = data.tokenizer.decode(np.concatenate(outputs["v2t"]))
             split_report["v2t"] = toy_metrics.caption_accuracy(captions, truth, attributes=scored)
             joint_videos = data.codec.decode(np.concatenate(outputs["joint_video"]))
             joint_captions = data.tokenizer.decode(np.concatenate(outputs["joint_text"]))
             split_report["joint"] = toy_metrics.joint_agreement(joint_videos, joint_captions)
+            joint = (joint_videos, joint_captions)
         report[split] = split_report
         _save_samples(Path(workdir) / "samples" / f"step_{step}" / split, c.sample.num_saved, videos, records_seen,
-                      captions, data, outputs)
+                      captions, joint)
     return report
 
 
-def _save_samples(folder: Path, n: int, videos, records, captions, data, outputs) -> None:
+def _save_samples(folder: Path, n: int, videos, records, captions, joint) -> None:
+    """The first `n` T2V clips (GIFs) with their prompt, caption and generated caption, and the first `n` joint
+    (video, caption) pairs of `joint` (already decoded for scoring; empty for a bare DiT)."""
     if jax.process_index() != 0 or n <= 0:
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,10 +115,8 @@ def _save_samples(folder: Path, n: int, videos, records, captions, data, outputs
         lines.append(f"    caption:   {records[i]['caption']}")
         if captions:
             lines.append(f"    generated: {captions[i]}")
-    if "joint_video" in outputs:
-        joint_videos = data.codec.decode(np.concatenate(outputs["joint_video"])[:n])
-        joint_text = data.tokenizer.decode(np.concatenate(outputs["joint_text"])[:n])
-        for i, (v, t) in enumerate(zip(joint_videos, joint_text)):
+    if joint:
+        for i, (v, t) in enumerate(zip(joint[0][:n], joint[1][:n])):
             save_gif(folder / f"joint_{i}.gif", v)
             lines.append(f"joint [{i}]: {t}")
     (folder / "captions.txt").write_text("\n".join(lines) + "\n")
