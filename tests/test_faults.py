@@ -548,6 +548,17 @@ def test_config_typo_is_refused_before_anything_is_written(world, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_bucket_urls_are_refused_not_taken_for_local_folders(world, tmp_path, monkeypatch):
+    """`--workdir=gs://…` used to become a local folder `./gs:/…` (checkpoints silently off the bucket)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(train.TrainingError, match=re.escape("--workdir=gs://bucket/run is a URL")):
+        train.train_and_evaluate(tiny_config("pretrain_t2v", world), "gs://bucket/run")
+    c = tiny_config("stage1", world, init__kind="wan", init__path="gs://bucket/wan")
+    with pytest.raises(train.TrainingError, match=re.escape("config.init.path='gs://bucket/wan' is a URL")):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. NaN.
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """Multi-process training on localhost (2 processes × 2 CPU devices, gloo collectives), against one process on one
-device: the same losses and params (the global batch and its random draws do not depend on the process count),
-checkpoints that move between process counts, the export written by every process, and a SIGTERM reaching one
-process stopping both at the same step with a save and exit 0."""
+device: the same losses, params and evaluation (the global batch and its random draws do not depend on the process
+count; evaluation batches are split over all four devices), for the DiT and for the unified model; checkpoints that
+move between process counts; the export written by every process; a SIGTERM reaching one process stopping both at
+the same step with a save and exit 0, and stopping both at once during a compilation or an evaluation."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,10 +31,14 @@ TINY = {
     "optim.schedule": "constant", "optim.warmup_steps": 1,
     "total_steps": 4, "log_every": 1, "ckpt_every": 2, "eval_every": 0, "eval_examples": 0,
 }
+STEP_LINE = re.compile(r"(?:\] ?|absl:)\[(\d+)\] .*\bloss=")  # the metric writer's log line of a step
+EVAL = {"eval_examples": 8, "eval_batch_size": 4, "sample.num_steps": 2}  # at the end: 2 batches per split
 
 _CHILD = """
 import json, os, sys
 import jax
+from absl import logging
+logging.set_verbosity(logging.INFO)  # (the progress lines the tests wait for)
 num_processes, process_id, port, devices, config, workdir, out = sys.argv[1:]
 jax.config.update("jax_num_cpu_devices", int(devices))
 if int(num_processes) > 1:
@@ -62,8 +68,8 @@ def setup(tmp_path_factory):
     return root, env
 
 
-def _config(root: Path, **overrides) -> Path:
-    c = run_config.load("pretrain_t2v", "tiny")
+def _config(root: Path, stage: str = "pretrain_t2v", **overrides) -> Path:
+    c = run_config.load(stage, "tiny")
     c.update_from_flattened_dict({**TINY, "data.path": str(root / "world"), **overrides})
     path = root / f"config-{len(list(root.glob('config-*')))}.json"
     path.write_text(c.to_json())
@@ -71,21 +77,30 @@ def _config(root: Path, **overrides) -> Path:
 
 
 def _start(env, config: Path, workdir: Path, processes: int, devices: int) -> list[subprocess.Popen]:
+    """The processes of one run; process i's log goes to WORKDIR.logI.txt."""
     port = _free_port()
-    return [subprocess.Popen([sys.executable, "-c", _CHILD, str(processes), str(i), str(port), str(devices),
-                              str(config), str(workdir), str(workdir) + f".out{i}.json"],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for i in range(processes)]
+    procs = []
+    for i in range(processes):
+        with open(str(workdir) + f".log{i}.txt", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, str(processes), str(i), str(port),
+                                           str(devices), str(config), str(workdir), str(workdir) + f".out{i}.json"],
+                                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True))
+    return procs
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float = 600) -> None:
-    errors = [p.communicate(timeout=timeout)[1] for p in procs]
-    for p, err in zip(procs, errors):
-        assert p.returncode == 0, err[-3000:]
+def _log(workdir: Path, i: int) -> str:
+    return Path(str(workdir) + f".log{i}.txt").read_text()
+
+
+def _finish(procs: list[subprocess.Popen], workdir: Path, timeout: float = 600) -> None:
+    for p in procs:
+        p.wait(timeout=timeout)
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, _log(workdir, i)[-3000:]
 
 
 def _run(env, config, workdir, processes, devices) -> list[dict]:
-    _finish(_start(env, config, workdir, processes, devices))
+    _finish(_start(env, config, workdir, processes, devices), workdir)
     return [json.loads(Path(str(workdir) + f".out{i}.json").read_text()) for i in range(processes)]
 
 
@@ -125,12 +140,34 @@ def _assert_close(a: dict, b: dict, what: str, rtol=1e-4):
 
 @pytest.fixture(scope="module")
 def runs(setup):
-    """Four steps with 2 processes x 2 devices and with 1 process x 1 device (checkpoints at 2 and 4)."""
+    """Four steps with 2 processes x 2 devices and with 1 process x 1 device (checkpoints at 2 and 4), each evaluated
+    at the end."""
     root, env = setup
-    config = _config(root)
+    config = _config(root, **EVAL)
     two = _run(env, config, root / "two", 2, 2)
     one = _run(env, config, root / "one", 1, 1)
     return config, two, one
+
+
+def _gif_frames(path: Path) -> np.ndarray:
+    from PIL import Image, ImageSequence
+
+    return np.stack([np.asarray(f.convert("RGB"), np.int16) for f in ImageSequence.Iterator(Image.open(path))])
+
+
+def _assert_same_evaluation(a: Path, b: Path, step: int, modes: tuple[str, ...]):
+    """The evaluation reports of two workdirs agree, and so do their samples (the generated clips, the captions)."""
+    report_a, report_b = (json.loads((w / "eval" / f"step_{step}.json").read_text()) for w in (a, b))
+    for split in ("validation", "test"):
+        assert sorted(report_a[split]) == sorted(modes)
+        assert report_a[split] == report_b[split], split
+        samples_a, samples_b = a / "samples" / f"step_{step}" / split, b / "samples" / f"step_{step}" / split
+        assert (samples_a / "captions.txt").read_text() == (samples_b / "captions.txt").read_text()
+        gifs = sorted(p.name for p in samples_a.glob("*.gif"))
+        assert gifs and gifs == sorted(p.name for p in samples_b.glob("*.gif"))
+        for name in gifs:  # (a palette image: allow one level of rounding)
+            np.testing.assert_allclose(_gif_frames(samples_a / name), _gif_frames(samples_b / name), atol=1,
+                                       err_msg=f"{split}/{name}")
 
 
 def test_two_processes_match_one_device(setup, runs):
@@ -150,6 +187,22 @@ def test_two_processes_match_one_device(setup, runs):
                 flat_params.state_to_flat_params(checkpoint.load_pretrained(root / "two" / "export")).items()}
     _assert_close(exported, _params(root / "two", 4), "export vs last checkpoint", rtol=0)
     assert not list((root / "two" / "export").glob(".*partial*"))
+    # The final evaluation, its batches split over the 4 devices of 2 processes, scores what 1 device scores.
+    _assert_same_evaluation(root / "two", root / "one", 4, modes=("t2v",))
+
+
+def test_unified_model_trains_and_evaluates_the_same_on_two_processes(setup, runs):
+    """Stage 1 (UniViGU: both flows, then T2V, V2T and joint sampling in the evaluation) from the DiT exported above,
+    on 2 processes x 2 devices and on 1 device: the same losses, params and evaluation."""
+    root, env = setup
+    config = _config(root, "stage1", **EVAL, total_steps=2, **{"init.kind": "wan",
+                                                               "init.path": str(root / "two" / "export" / "dit")})
+    two = _run(env, config, root / "stage1-two", 2, 2)
+    one = _run(env, config, root / "stage1-one", 1, 1)
+    np.testing.assert_allclose([r["loss"] for r in two[0]["history"]], [r["loss"] for r in one[0]["history"]],
+                               rtol=1e-5)
+    _assert_close(_params(root / "stage1-two", 2), _params(root / "stage1-one", 2), "stage-1 params after 2 steps")
+    _assert_same_evaluation(root / "stage1-two", root / "stage1-one", 2, modes=("t2v", "v2t", "joint"))
 
 
 def test_checkpoints_move_between_process_counts(setup, runs):
@@ -170,18 +223,64 @@ def test_checkpoints_move_between_process_counts(setup, runs):
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(setup):
     root, env = setup
-    config = _config(root, total_steps=10_000, ckpt_every=10_000, log_every=1000)
+    config = _config(root, total_steps=10_000, ckpt_every=10_000, log_every=1)
     workdir = root / "sigterm"
     procs = _start(env, config, workdir, 2, 2)
     deadline = time.monotonic() + 300
-    while not (workdir / "run_config.json").exists() or not list(workdir.glob("events.out.tfevents*")):
+    while not STEP_LINE.search(_log(workdir, 0)):  # into the loop (compiled, stepping, steps unsaved)
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-        time.sleep(0.5)
-    time.sleep(8)  # into the loop (compiled, stepping)
+        time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
-    _finish(procs)
+    _finish(procs, workdir)
     outs = [json.loads(Path(str(workdir) + f".out{i}.json").read_text()) for i in range(2)]
     assert outs[0]["stopped_early"] and outs[1]["stopped_early"]
     assert outs[0]["step"] == outs[1]["step"] and outs[0]["step"] < 10_000
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [outs[0]["step"]]  # the stop step was saved, by both (one checkpoint)
+
+
+@pytest.mark.parametrize("when, signalled", [("compilation", (1,)), ("evaluation", (1,)), ("compilation", (0, 1))])
+def test_sigterm_during_compilation_or_evaluation_stops_both_at_once(setup, when, signalled):
+    """Nothing unsaved on either process (the first step still compiling; the final evaluation, after the last
+    save): SIGTERM to process 1 (or to both, as a preemption does) ends both within seconds, exit 0, without
+    waiting for the compile or the evaluation to return (their main threads are inside XLA), nothing half-written."""
+    root, env = setup
+    workdir = root / f"sigterm-{when}-{len(signalled)}"
+    if when == "compilation":  # a model no other test compiles, default optimisations, no compilation cache
+        env = {k: v for k, v in env.items() if k not in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "JAX_COMPILATION_CACHE_DIR")}
+        config = _config(root, **{"model.wan.num_layers": 3, "model.wan.dim": 48, "model.wan.num_heads": 3})
+        ready = lambda: "trainable)" in _log(workdir, 0) and "trainable)" in _log(workdir, 1)
+    else:  # 2 x 32 clips, 10 sampling steps each, after the step-2 checkpoint and the export
+        config = _config(root, total_steps=2, eval_examples=32, eval_batch_size=4, **{"sample.num_steps": 10})
+        ready = (workdir / "export" / "dit" / "config.json").exists
+    procs = _start(env, config, workdir, 2, 2)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), _log(workdir, 0)[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside the compile / the evaluation's first batches
+        for i in signalled:
+            procs[i].send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        for p in procs:
+            p.wait(timeout=120)
+        seconds = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = [_log(workdir, i) for i in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert seconds < (10 if when == "compilation" else 30), f"{seconds:.1f} s to stop both after SIGTERM in {when}"
+    for text in logs:
+        assert "nothing unsaved since the last checkpoint on any process: stopping now" in text
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    if when == "compilation":
+        assert steps == [] and not any(STEP_LINE.search(text) for text in logs)
+    else:
+        assert steps == [2] and not (workdir / "eval").exists()
+        assert not list((workdir / "checkpoints").glob("*tmp*"))
+    assert not (workdir / ".lock").exists()
+    print(f"SIGTERM to {len(signalled)} of 2 processes during {when}: both stopped in {seconds:.2f} s")

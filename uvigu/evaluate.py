@@ -60,14 +60,28 @@ def generate(c, model, batch: dict[str, jax.Array], key) -> dict[str, Any]:
     return out
 
 
-def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int,
+def _generator(c, model, mesh: jax.sharding.Mesh | None):
+    """`run(batch, key)`: `generate` jitted for `model`, on records every process holds whole. With a mesh the batch
+    is split over its batch axes (`pipeline.shared_to_global`) and the outputs come back replicated, so that every
+    process can read them, however many processes share the mesh."""
+    graphdef, state = nnx.split(model)
+    if mesh is None:
+        run = jax.jit(lambda state, batch, key: generate(c, nnx.merge(graphdef, state), batch, key))
+        return lambda batch, key: jax.device_get(run(state, {k: jnp.asarray(v) for k, v in batch.items()}, key))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    run = jax.jit(lambda state, batch, key: generate(c, nnx.merge(graphdef, state), batch, key),
+                  out_shardings=replicated)
+    return lambda batch, key: jax.device_get(run(state, pipeline.shared_to_global(batch, mesh), key))
+
+
+def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int, mesh: jax.sharding.Mesh | None = None,
              should_stop=lambda: False) -> dict[str, Any]:
     """Scores `model` on up to `config.eval_examples` records of validation and test; saves samples of each.
+    With `mesh` (the run's) each batch is split over the devices' batch axes, on one process or several.
     `should_stop()` is asked between batches (SIGTERM): an interrupted evaluation returns `{"interrupted": True}`
     and writes nothing, rather than a score over part of the split."""
     scored = PROMPT_ATTRIBUTES if c.data.text_target == "prompt" else ATTRIBUTES
-    graphdef, state = nnx.split(model)
-    run = jax.jit(lambda state, batch, key: generate(c, nnx.merge(graphdef, state), batch, key))
+    run = _generator(c, model, mesh)
     report: dict[str, Any] = {"step": step, "stage": c.stage,
                               "chance": toy_metrics.chance_levels(attributes=ATTRIBUTES)}
     for split_index, split in enumerate(("validation", "test")):
@@ -80,7 +94,7 @@ def evaluate(c, model, data: pipeline.Datasets, *, workdir: Path, step: int,
                 return {"step": step, "stage": c.stage, "interrupted": True}
             arrays = {k: _stack(records, k) for k in ("latents", "context", "prompt_ids", "prompt_mask")}
             key = jax.random.fold_in(jax.random.key(c.seed + 7919), split_index * 100_003 + i)
-            result = jax.device_get(run(state, arrays, key))
+            result = run(arrays, key)
             for name, value in result.items():
                 outputs.setdefault(name, []).append(np.asarray(value))
             records_seen += records
@@ -143,7 +157,8 @@ def flat_scalars(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def sample_real_data(c, model, data: pipeline.Datasets, *, release: Path, workdir: Path, step: int) -> dict[str, Any]:
+def sample_real_data(c, model, data: pipeline.Datasets, *, release: Path, workdir: Path, step: int,
+                     mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Periodic samples of a run on real latent shards (no attribute scorer exists there): for the first
     `config.sample.num_saved` held-out clips (validation, else train), a T2V video from the clip's prompt context and,
     for a UniViGU, the V2T caption of the clip, written as `samples/step_N/t2v_i.mp4` and `captions.txt` (prompt,
@@ -159,10 +174,8 @@ def sample_real_data(c, model, data: pipeline.Datasets, *, release: Path, workdi
     if n == 0:
         return report
     records = [source[i] for i in range(n)]
-    batch = {k: jnp.asarray(_stack(records, k)) for k in ("latents", "context", "prompt_ids", "prompt_mask")}
-    graphdef, state = nnx.split(model)
-    run = jax.jit(lambda state, batch, key: generate(c, nnx.merge(graphdef, state), batch, key))
-    out = jax.device_get(run(state, batch, jax.random.key(c.seed + 7919)))
+    batch = {k: _stack(records, k) for k in ("latents", "context", "prompt_ids", "prompt_mask")}
+    out = _generator(c, model, mesh)(batch, jax.random.key(c.seed + 7919))
     vae = checkpoint.load_pretrained(release, kind=checkpoint.WAN_VAE)
     videos = np.asarray(jax.jit(lambda z: jnp.clip((vae.decode(z) + 1.0) / 2.0, 0.0, 1.0))(out["t2v"]))
     captions = data.tokenizer.decode(np.asarray(out["v2t"])) if "v2t" in out else []

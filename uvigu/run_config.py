@@ -269,6 +269,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         number(key, 0.0)
     number("flow.tau_shift", 0.0, open_low=True)
     number("sample.shift", 0.0, open_low=True)
+    for key in ("init.path", "data.path"):  # local or mounted (gcsfuse, NFS) paths only: see workdir.local_path
+        if "://" in str(get(key)):
+            problems.append(f"config.{key}={get(key)!r} is a URL; uvigu reads local paths: mount the bucket (gcsfuse) "
+                            "and give the mounted path")
     if c.stage != "pretrain_t2v" and c.data.text_target == "none":
         problems.append(f"config.data.text_target='none' leaves {c.stage} no target text (prompt | caption)")
     if not isinstance(c.get("allow_config_change", False), bool):

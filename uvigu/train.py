@@ -19,10 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +35,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
-from uvigu import atomic_files, checkpoint, flow, run_config, run_data, sharding
+from uvigu import atomic_files, checkpoint, flow, run_config, run_data, sharding, stopping
 from uvigu import workdir as workdir_lib
 from uvigu.data import pipeline
 from uvigu.models import lora, lora_formats
@@ -296,27 +293,26 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
 def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------------------------- Setup ----
-    # SIGTERM is caught from the first line: during setup, compilation or evaluation it is honoured at the next point
-    # where stopping is safe (before the first step, after the step being compiled, between evaluation batches).
-    stop = {"requested": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    cleanup.callback(signal.signal, signal.SIGTERM, previous_handler)
-    # Python runs that handler only between bytecodes, i.e. not while XLA compiles or runs a step. A watcher thread
-    # also sees SIGTERM at once and, when nothing since the last checkpoint would be lost (setup, compilation,
-    # evaluation; one process), ends the run there and then.
-    live: dict[str, Any] = {"unsaved": False, "mngr": None, "workdir": None}
-    cleanup.enter_context(_sigterm_watch(lambda: _stop_now_if_nothing_unsaved(stop, live)))
+    # SIGTERM is caught from the first line. It stops the run at once when nothing since the last checkpoint would
+    # be lost on any process (setup, a compilation, an evaluation after a save), else at the next step boundary,
+    # with a save (`uvigu.stopping`).
+    stop = cleanup.enter_context(stopping.StopOnSigterm())
     try:
         run_config.validate(c)  # every value, before a workdir, dataset or model exists
     except run_config.ConfigError as e:
         raise TrainingError(str(e)) from None
     check_init_source(c)
     run_config.resolve_from_folder(c)  # the from_folder variant: the architecture of the init folder
-    workdir_path = Path(workdir).absolute()
+    try:
+        workdir_path = workdir_lib.local_path(workdir)
+    except workdir_lib.WorkdirError as e:
+        raise TrainingError(str(e)) from None
     workdir_path.mkdir(parents=True, exist_ok=True)
     description = model_description(c)
     try:  # one run at a time; the same model, stage, init and data as the workdir's run (a new workdir: written)
-        cleanup.enter_context(workdir_lib.lock(workdir_path, enabled=jax.process_index() == 0))
+        lock_note = cleanup.enter_context(workdir_lib.lock(workdir_path, enabled=jax.process_index() == 0))
+        if jax.process_index() == 0:  # an immediate stop removes our note (the flock goes with the process)
+            stop.before_exit = lambda: lock_note.unlink(missing_ok=True)
         workdir_lib.check_run_config(workdir_path, description, json.loads(c.to_json_best_effort()),
                                      allow_change=bool(c.allow_config_change),
                                      write=jax.process_index() == 0)
@@ -354,7 +350,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
         item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
     )
     cleanup.callback(mngr.close)  # waits for saves in flight
-    live.update(mngr=mngr, workdir=workdir_path)
+    stop.saving_in_progress = mngr.is_saving_in_progress
     rng = jax.random.key(c.seed)
     first_step = 0
     def restore_step(step: int):
@@ -386,9 +382,10 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
         # and Orbax refuses it in a multi-process save).
         state = {"params": nnx.to_pure_dict(nnx.state(model, SAVED)),
                  "opt": nnx.to_pure_dict(nnx.state(optimizer)), "rng": np.asarray(jax.random.key_data(rng))}
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                                                data=grain.checkpoint.CheckpointSave(train_iter)), force=force)
-        live["unsaved"] = False  # (a save still in flight is checked separately: mngr.is_saving_in_progress)
+        with stop.hold_exit():  # an immediate stop happens before the save or after it has started, not during
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                    data=grain.checkpoint.CheckpointSave(train_iter)), force=force)
+            stop.unsaved = False  # (the save still in flight is seen through stop.saving_in_progress)
 
     # ---------------------------------------------------------------------------------------------- Train step ----
     loss_fn = video_flow_loss if c.stage == "pretrain_t2v" else unified_flow_loss
@@ -425,16 +422,15 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
             writer.write_scalars(step, {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]})
         return rows
 
-    should_stop = lambda: _any_process(stop["requested"])  # agreed by every process
+    should_stop = stop.requested_anywhere  # agreed by every process
     while step < c.total_steps:
         if should_stop():  # SIGTERM (on any host) during setup, the last step or an evaluation
-            stop["requested"] = True
             break
         batch = pipeline.to_global(next(train_iter), mesh)
         with jax.set_mesh(mesh):
             metrics = train_step(model, optimizer, batch, jax.random.fold_in(rng, step))
         step += 1
-        live["unsaved"] = True
+        stop.unsaved = True
         pending.append(metrics)
         for hook in hooks:
             hook(step)
@@ -446,8 +442,8 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
             workdir_lib.check_finite([{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)], step)
             save(step)
         if c.eval_every and step % c.eval_every == 0 and step < c.total_steps:
-            run_evaluation(c, model, data, writer, step, workdir_path, should_stop=should_stop)
-    if stop["requested"]:
+            run_evaluation(c, model, data, writer, step, workdir_path, mesh, should_stop=should_stop)
+    if stop.requested:
         history += flush_metrics()
         if step > first_step and mngr.latest_step() != step:
             logging.warning("SIGTERM: saving step %d and stopping", step)
@@ -457,13 +453,13 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
 
     # ----------------------------------------------------------------------------------------------------- End ----
     mngr.wait_until_finished()  # the last save is complete before the export (our SIGTERM handler stays until return)
-    result: dict[str, Any] = {"step": step, "history": history, "stopped_early": stop["requested"],
+    result: dict[str, Any] = {"step": step, "history": history, "stopped_early": stop.requested,
                               "seconds": time.perf_counter() - t_start}
-    if not stop["requested"]:
+    if not stop.requested:
         result["export"] = str(export(c, model, workdir_path, step))
         if c.eval_examples:
-            result["eval"] = run_evaluation(c, model, data, writer, step, workdir_path,
-                                            should_stop=lambda: _any_process(stop["requested"]))
+            result["eval"] = run_evaluation(c, model, data, writer, step, workdir_path, mesh,
+                                            should_stop=should_stop)
     writer.flush()
     return result
 
@@ -515,50 +511,6 @@ def release_folder(c: ml_collections.ConfigDict) -> Path | None:
     return None
 
 
-@contextlib.contextmanager
-def _sigterm_watch(on_sigterm):
-    """Calls `on_sigterm()` from a thread as soon as SIGTERM arrives, even while the main thread is inside XLA.
-    (`signal.set_wakeup_fd` makes the interpreter's C-level handler write the signal number to a pipe; the thread
-    waits on it without the GIL, and XLA releases the GIL while it compiles and runs.)"""
-    if threading.current_thread() is not threading.main_thread():  # set_wakeup_fd is main-thread only
-        yield
-        return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-
-    def watch():
-        while data := os.read(read_fd, 512):
-            if signal.SIGTERM in data:
-                on_sigterm()
-
-    thread = threading.Thread(target=watch, name="sigterm-watch", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(previous)
-        os.close(write_fd)  # the watcher reads EOF and ends
-        thread.join(timeout=5)
-        os.close(read_fd)
-
-
-def _stop_now_if_nothing_unsaved(stop: dict, live: dict) -> None:
-    """SIGTERM (from the watcher thread): with one process, no step trained since the last checkpoint and no save in
-    flight, nothing can be lost, so the run ends now (exit 0) instead of after the compile / step / evaluation the
-    main thread is in. Otherwise the loop stops at its next check and saves."""
-    stop["requested"] = True
-    mngr = live["mngr"]
-    if jax.process_count() > 1 or live["unsaved"] or (mngr is not None and mngr.is_saving_in_progress()):
-        return
-    logging.warning("SIGTERM with nothing unsaved since the last checkpoint: stopping now")
-    if live["workdir"] is not None:  # our lock note (the flock itself goes with the process)
-        with contextlib.suppress(OSError):
-            (live["workdir"] / workdir_lib.LOCK_FILE).unlink()
-    logging.flush()
-    os._exit(0)
-
-
 def _restore_data_position(train_iter, folder: Path, step: int) -> None:
     """Puts the data iterator where a run that has done `step` steps is. Each process saved its grain state
     (`process_i-of-n.json`); the position is global (`pipeline.training_dataset`: batch s is the same global rows
@@ -576,25 +528,18 @@ def _restore_data_position(train_iter, folder: Path, step: int) -> None:
     train_iter.set_state(state)
 
 
-def _any_process(flag: bool) -> bool:
-    """True when `flag` is set on any process (a SIGTERM reaching one host stops every host at the same step)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
-
-
-def run_evaluation(c, model, data, writer, step: int, workdir: Path, *, should_stop=lambda: False) -> dict[str, Any]:
-    """Evaluates the model on the validation and held-out test splits (see `uvigu.evaluate`), writes
-    `eval/step_N.json`, scalars, and samples."""
+def run_evaluation(c, model, data, writer, step: int, workdir: Path, mesh=None, *,
+                   should_stop=lambda: False) -> dict[str, Any]:
+    """Evaluates the model on the validation and held-out test splits (see `uvigu.evaluate`; each batch split over
+    `mesh`'s batch axes, on every process), writes `eval/step_N.json`, scalars, and samples."""
     from uvigu import evaluate
 
     if data.codec is None:  # real latent shards: samples (MP4 + captions), no scorer
         release = release_folder(c) or Path((data.manifest or {}).get("model", {}).get("path", ""))
-        report = evaluate.sample_real_data(c, model, data, release=release, workdir=workdir, step=step)
+        report = evaluate.sample_real_data(c, model, data, release=release, workdir=workdir, step=step,
+                                           mesh=mesh)
     else:
-        report = evaluate.evaluate(c, model, data, workdir=workdir, step=step, should_stop=should_stop)
+        report = evaluate.evaluate(c, model, data, workdir=workdir, step=step, mesh=mesh, should_stop=should_stop)
         if report.get("interrupted"):
             logging.warning("SIGTERM: evaluation at step %d interrupted; nothing written", step)
             return report

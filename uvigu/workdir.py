@@ -55,6 +55,16 @@ class WorkdirLocked(WorkdirError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def local_path(workdir: str | os.PathLike) -> Path:
+    """`workdir` as an absolute local path. A URL (`gs://…`, `s3://…`) is refused rather than taken for a relative
+    folder named `gs:`: everything a run writes relies on POSIX files (the flock, atomic renames, Orbax's local
+    commit), so a bucket is used mounted (gcsfuse) and given by its mounted path."""
+    if "://" in str(workdir):
+        raise WorkdirError(f"--workdir={workdir} is a URL; uvigu writes to local paths. Mount the bucket (e.g. gcsfuse "
+                           "at /mnt/bucket) and pass the mounted path")
+    return Path(workdir).absolute()
+
+
 def _describe_holder(text: str) -> str:
     try:
         note = json.loads(text)

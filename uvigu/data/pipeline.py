@@ -124,6 +124,19 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+def shared_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """A batch every process holds whole (an evaluation batch) -> global arrays split over the batch axes of the mesh
+    (each device works on its own rows), or replicated when the batch size does not divide over those axes."""
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        sharding = jax.sharding.NamedSharding(mesh, spec if v.shape[0] % rows == 0 else jax.sharding.PartitionSpec())
+        out[k] = jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Opening a run's data.
 # ----------------------------------------------------------------------------------------------------------------------
