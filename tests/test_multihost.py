@@ -92,9 +92,20 @@ def _log(workdir: Path, i: int) -> str:
     return Path(str(workdir) + f".log{i}.txt").read_text()
 
 
-def _finish(procs: list[subprocess.Popen], workdir: Path, timeout: float = 600) -> None:
+def _kill(procs: list[subprocess.Popen]) -> None:
+    """A run that hangs or fails its test must not outlive it (and slow every later test)."""
     for p in procs:
-        p.wait(timeout=timeout)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _finish(procs: list[subprocess.Popen], workdir: Path, timeout: float = 600) -> None:
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        _kill(procs)
     for i, p in enumerate(procs):
         assert p.returncode == 0, _log(workdir, i)[-3000:]
 
@@ -226,12 +237,16 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(setup):
     config = _config(root, total_steps=10_000, ckpt_every=10_000, log_every=1)
     workdir = root / "sigterm"
     procs = _start(env, config, workdir, 2, 2)
-    deadline = time.monotonic() + 300
-    while not STEP_LINE.search(_log(workdir, 0)):  # into the loop (compiled, stepping, steps unsaved)
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)
-    _finish(procs, workdir)
+    try:
+        deadline = time.monotonic() + 300
+        while not STEP_LINE.search(_log(workdir, 0)):  # into the loop (compiled, stepping, steps unsaved)
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+    except BaseException:
+        _kill(procs)
+        raise
+    _finish(procs, workdir, timeout=120)
     outs = [json.loads(Path(str(workdir) + f".out{i}.json").read_text()) for i in range(2)]
     assert outs[0]["stopped_early"] and outs[1]["stopped_early"]
     assert outs[0]["step"] == outs[1]["step"] and outs[0]["step"] < 10_000
@@ -267,10 +282,7 @@ def test_sigterm_during_compilation_or_evaluation_stops_both_at_once(setup, when
             p.wait(timeout=120)
         seconds = time.monotonic() - start
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill(procs)
     logs = [_log(workdir, i) for i in range(2)]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert seconds < (10 if when == "compilation" else 30), f"{seconds:.1f} s to stop both after SIGTERM in {when}"
