@@ -128,8 +128,9 @@ class StopOnSigterm:
             with contextlib.suppress(Exception):  # another process posted it first
                 _client().key_value_set(f"{self._prefix}/signal", str(jax.process_index()))
             return  # the poll thread of every process, this one included, takes it from here
-        if self._nothing_unsaved():
-            self._exit_now()
+        with self._gate:  # (as in a vote: never while a save is starting)
+            if self._nothing_unsaved():
+                self._exit_now()
 
     def _nothing_unsaved(self) -> bool:
         return not self.unsaved and not self.saving_in_progress()
