@@ -1,5 +1,6 @@
 """The experiment scripts' accounting, checked without running a benchmark: the §8 FLOP formula against the numbers
-DESIGN.md quotes, the parameter counts of the text side, and the timing summary on a fake clock."""
+DESIGN.md quotes, the parameter counts of the text side, the timing summary on a fake clock, and the T2V probes on a
+tiny random DiT and an analytic velocity field."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import argparse
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 # `experiments` is not an installed package: it is importable from the repository root, which `python -m pytest`
 # puts on the path but a bare `pytest` (or a run from inside tests/) does not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import bench_cpu, bench_dit, param_overhead, wan_parity_report  # noqa: E402
+from experiments import bench_cpu, bench_dit, param_overhead, t2v_probe, wan_parity_report  # noqa: E402
+from uvigu.models.wan import WanConfig, WanDiT  # noqa: E402
 
 DIT_1_3B_PARAMS = 1_418_996_800
 
@@ -167,3 +172,55 @@ def test_bench_cpu_exec_overrides():
         bench_cpu.parse_exec_overrides("scan_layers=maybe")
     with pytest.raises(ValueError, match="remat_policy"):
         bench_cpu.wan_config("small", {"remat_policy": "sometimes"})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# t2v_probe: the two probes.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_denoising_probe_lands_on_the_clip_under_a_point_mass():
+    # The exact Wan velocity of a one-clip data set is (x − x1) / σ: Euler on it reaches x1 from any σ0, in any number
+    # of steps, only if the probe noises and integrates in the right direction.
+    rng = np.random.default_rng(0)
+    clip, noise = rng.standard_normal((2, 3, 2, 4, 4, 5)).astype(np.float32)
+
+    def velocity(x, sigma):
+        return (x - clip) / sigma
+
+    for sigma0, steps in ((1.0, 5), (0.5, 3), (0.9, 1)):
+        np.testing.assert_allclose(t2v_probe.denoise_from(velocity, clip, noise, sigma0, steps), clip, atol=1e-5)
+    moved = t2v_probe.denoise_from(lambda x, sigma: jnp.zeros_like(x), clip, noise, 0.5, 4)  # no velocity: x stays
+    np.testing.assert_allclose(moved, 0.5 * clip + 0.5 * noise, atol=1e-6)
+
+
+def test_word_sensitivity_is_what_the_context_changes():
+    cfg = WanConfig.preset("tiny", scan_layers=True, dtype="float32")
+    dit = WanDiT(cfg, rngs=nnx.Rngs(0))
+    # A fresh Wan DiT predicts 0 (zero-init head): give every param random values so the context matters.
+    params = nnx.state(dit, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(dit, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    rng = np.random.default_rng(2)
+    latents = rng.standard_normal((2, 2, 4, 4, cfg.in_channels)).astype(np.float32)
+    context, other = rng.standard_normal((2, 2, 6, cfg.text_dim)).astype(np.float32)
+    sigmas = (0.3, 1.0)
+    changed = t2v_probe.word_sensitivity(dit, latents, context, other, sigmas, jax.random.key(0))
+    same = t2v_probe.word_sensitivity(dit, latents, context, context, sigmas, jax.random.key(0))
+    assert all(changed[s] > 1e-3 for s in sigmas) and all(same[s] == 0.0 for s in sigmas)
+    # The context reaches a Wan DiT only through cross-attention: without its output, no word can matter.
+    params = nnx.state(dit, nnx.Param)
+    nnx.update(dit, jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "attn2" in jax.tree_util.keystr(path) and
+        "to_out" in jax.tree_util.keystr(path) else x, params))
+    blind = t2v_probe.word_sensitivity(dit, latents, context, other, sigmas, jax.random.key(0))
+    assert all(blind[s] < 1e-6 for s in sigmas)
+
+
+def test_swapped_triples_change_one_word_to_a_known_prompt():
+    known = {("circle", "red", "right"), ("square", "red", "left"), ("circle", "green", "left")}
+    triples = [("circle", "red", "left"), ("triangle", "blue", "up")]
+    assert t2v_probe.swapped_triples(triples, known, "motion") == [("circle", "red", "right"), None]
+    assert t2v_probe.swapped_triples(triples, known, "shape") == [("square", "red", "left"), None]
+    assert t2v_probe.swapped_triples(triples, known, "colour") == [("circle", "green", "left"), None]
