@@ -25,4 +25,5 @@ def get_config(arg=None):
         c.init.path = "runs/pretrain_t2v/export/dit"
         c.flow.cond_dropout = 0.3  # the exact V2T examples (most of them) drop the prompt anyway
         c.total_steps = 400
+        c.eval_examples = 64  # a progress report only; the demo's budget goes to stage 2's training
     return c
