@@ -1,6 +1,6 @@
 """Why the toy generator's T2V misses shape and motion: two probes of a `pretrain_t2v` export on the toy world.
 
-    python -m experiments.t2v_probe --export runs/demo/pretrain_t2v/export/dit --world runs/demo/toy_world
+    python -m experiments.t2v_probe --probe_export runs/demo/pretrain_t2v/export/dit --probe_world runs/demo/toy_world
 
 1. Word sensitivity. Training clips are noised to σ; the DiT predicts the clean clip x0 = x − σ·DiT(x, σ, c) once
    with the clip's own prompt context and once with ONE prompt word (shape, colour or motion) swapped for another
@@ -11,7 +11,8 @@
    the pixel detector reads the result. σ0 = 1 is plain T2V; the σ0 at which an attribute stops surviving is the
    noise level from which the generator can no longer draw it.
 
-Both print a table; `--json` also writes the numbers.
+Both print a table; `--probe_json` also writes the numbers. (Flag names are prefixed: absl flags are global, and
+the tests import every experiment into one process.)
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ from flax import nnx
 
 from uvigu.data.world import PROMPT_ATTRIBUTES
 
-_EXPORT = flags.DEFINE_string("export", "runs/demo/pretrain_t2v/export/dit", "The generator: a Wan model folder.")
-_WORLD_PATH = flags.DEFINE_string("world", "runs/demo/toy_world", "The toy world's cache folder.")
-_SIGMAS = flags.DEFINE_list("sigmas", ["0.3", "0.5", "0.7", "0.9", "1.0"], "Noise levels of the word-swap probe.")
-_START_SIGMAS = flags.DEFINE_list("start_sigmas", ["0.35", "0.5", "0.7", "0.8", "0.9", "1.0"],
+_EXPORT = flags.DEFINE_string("probe_export", "runs/demo/pretrain_t2v/export/dit", "The generator: a Wan model folder.")
+_WORLD_PATH = flags.DEFINE_string("probe_world", "runs/demo/toy_world", "The toy world's cache folder.")
+_SIGMAS = flags.DEFINE_list("probe_sigmas", ["0.3", "0.5", "0.7", "0.9", "1.0"], "Noise levels of the word-swap probe.")
+_START_SIGMAS = flags.DEFINE_list("probe_start_sigmas", ["0.35", "0.5", "0.7", "0.8", "0.9", "1.0"],
                                   "σ0 of the denoising probe.")
-_EXAMPLES = flags.DEFINE_integer("examples", 64, "Clips per probe.")
-_STEPS = flags.DEFINE_integer("steps", 30, "Euler steps from σ0 to 0.")
-_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "CFG scale of the denoising probe.")
-_JSON = flags.DEFINE_string("json", None, "Also write the numbers here.")
+_EXAMPLES = flags.DEFINE_integer("probe_examples", 64, "Clips per probe.")
+_STEPS = flags.DEFINE_integer("probe_steps", 30, "Euler steps from σ0 to 0.")
+_GUIDANCE = flags.DEFINE_float("probe_guidance", 3.0, "CFG scale of the denoising probe.")
+_JSON = flags.DEFINE_string("probe_json", None, "Also write the numbers here.")
 
 # Wan convention throughout: x_σ = (1 − σ)·x0 + σ·noise; the DiT predicts (noise − x0) at timestep σ·1000.
 WanVelocity = Callable[[jax.Array, float], jax.Array]
