@@ -39,19 +39,23 @@ def _inputs(seed=0):
     return q, k, v, w
 
 
-def _ours(q, k, v, w, mask):
+def _ours(q, k, v, w, mask, query_chunk=None):
     mask = None if mask is None else jnp.asarray(mask)
-    loss = lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v, mask) * w)
-    out = layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
+    attend = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, query_chunk=query_chunk)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v) * w)
+    out = jax.jit(attend)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
     return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
+# query_chunk: None = one block (these shapes are far below ATTENTION_BLOCK_BYTES); 3 = blocks of 3, 3 and a
+# zero-padded 1 (L = 7); 7 = one block through the explicit path.
+@pytest.mark.parametrize("query_chunk", [None, 3, 7])
 @pytest.mark.parametrize("mask_name", sorted(MASKS))
-def test_grads_match_autodiff_of_the_formula(mask_name):
+def test_grads_match_autodiff_of_the_formula(mask_name, query_chunk):
     q, k, v, w = _inputs()
     mask = MASKS[mask_name]
     jmask = None if mask is None else jnp.asarray(mask)
-    out, grads = _ours(q, k, v, w, mask)
+    out, grads = _ours(q, k, v, w, mask, query_chunk)
     want_out = _plain(q, k, v, jmask)
     want = jax.grad(lambda q, k, v: jnp.sum(_plain(q, k, v, jmask) * w), argnums=(0, 1, 2))(q, k, v)
     assert rel_err(out, want_out) <= TOL
@@ -70,6 +74,51 @@ def test_grads_match_torch_sdpa(mask_name):
     (out * torch.from_numpy(np.moveaxis(w, 2, 1).copy())).sum().backward()
     for name, g, t in zip("qkv", grads, (tq, tk, tv)):
         assert rel_err(g, np.moveaxis(t.grad.numpy(), 1, 2)) <= TOL, (mask_name, name)
+
+
+def test_query_blocks_follow_the_byte_budget():
+    # Whole when the [B, N, L, M] float32 logits fit the budget (the toy DiT's 80-96 tokens, the small bench).
+    assert layers.query_chunk_size(16, 2, 96, 96) is None
+    assert layers.query_chunk_size(4, 4, 320, 320) is None
+    # Above it: rows for half the budget (4 MiB / (4 heads x 1536 keys x 4 B) = 170), rounded to an even split of L
+    # (12 blocks of 128, no padding).
+    assert layers.query_chunk_size(1, 4, 1536, 1536) == 128
+    # No even split near: blocks of the budget's rows, the last one padded.
+    rows = layers.query_chunk_size(1, 4, 1549, 1549)  # 1549 is prime
+    assert rows == (4 << 20) // (4 * 1549 * 4)
+    # Never thinner than MIN_QUERY_CHUNK rows, however many keys.
+    assert layers.query_chunk_size(1, 40, 32760, 32760) == layers.MIN_QUERY_CHUNK
+    assert layers.query_chunk_size(1, 1, 64, 64, block_bytes=1024) == layers.MIN_QUERY_CHUNK
+
+
+def test_query_blocks_on_a_mesh_use_the_per_device_shape():
+    """Blocks are sized by each device's share of B and N; a token axis split over `context` stays one block (a loop
+    over blocks of a sharded axis would gather it)."""
+    AbstractMesh = jax.sharding.AbstractMesh
+    q_shape = (8, 1536, 8, 128)  # B L N K
+    with jax.sharding.use_abstract_mesh(AbstractMesh((4, 2), ("fsdp", "tensor"))):  # B / 4, N / 2 per device
+        assert layers._auto_query_chunk(q_shape, 1536) == layers.query_chunk_size(2, 4, 1536, 1536) == 64
+    with jax.sharding.use_abstract_mesh(AbstractMesh((2, 4), ("fsdp", "context"))):
+        assert layers._auto_query_chunk(q_shape, 1536) is None
+    assert layers._auto_query_chunk(q_shape, 1536) == layers.query_chunk_size(8, 8, 1536, 1536)
+
+
+def test_blocked_attention_is_the_default_above_the_budget(monkeypatch):
+    """With a budget this small, the automatic choice blocks the queries (a lax.map in the forward, a lax.scan in the
+    backward) and still matches the formula."""
+    monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 64)
+    monkeypatch.setattr(layers, "MIN_QUERY_CHUNK", 2)
+    q, k, v, w = _inputs(4)
+    mask = MASKS["partial"]
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(layers.dot_product_attention(q, k, v, jnp.asarray(mask))
+                                                         * w)))(q))
+    assert "scan" in jaxpr
+    out, grads = _ours(q, k, v, w, mask)
+    jmask = jnp.asarray(mask)
+    want = jax.grad(lambda q, k, v: jnp.sum(_plain(q, k, v, jmask) * w), argnums=(0, 1, 2))(q, k, v)
+    assert rel_err(out, _plain(q, k, v, jmask)) <= TOL
+    for g, gw in zip(grads, want):
+        assert rel_err(g, gw) <= TOL
 
 
 def test_bfloat16_inputs_keep_dtype_and_stay_close():
