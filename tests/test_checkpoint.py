@@ -118,6 +118,25 @@ def test_dtype_overrides(saved):
     assert f32.config.dtype == "float32" and rel_err(out(f32), want) < 1e-6
 
 
+def test_scan_layers_is_an_execution_choice_at_init():
+    """From the same seed, a looped model (DiT, and UniViGU's text FFNs) starts from exactly the stacked model's
+    params: switching `scan_layers` (the toy configs loop, the real ones scan) never changes a run's model."""
+    from uvigu.models.univigu import UniViGU, UniViGUConfig
+
+    ucfg = UniViGUConfig(text_flow="discrete", vocab_size=40, max_text_len=8, ffn_t_dim=24)
+    flat = {}
+    for scan in (True, False):
+        wcfg = dataclasses.replace(CFG, scan_layers=scan)
+        model = UniViGU(WanDiT(wcfg, rngs=nnx.Rngs(3)), ucfg, rngs=nnx.Rngs(4))
+        params = {k: np.asarray(v) for k, v in wan_keys.state_to_flat_params(model).items()}
+        flat[scan] = params if scan else wan_keys.stack_blocks(params, CFG.num_layers, ("dit.blocks", "ffn_t"))
+    assert set(flat[True]) == set(flat[False])
+    for k, v in flat[True].items():
+        np.testing.assert_array_equal(flat[False][k], v, err_msg=k)
+    assert not np.array_equal(flat[True]["dit.blocks.attn1.to_q.kernel"][0],
+                              flat[True]["dit.blocks.attn1.to_q.kernel"][1])  # layers differ from one another
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_univigu_folder_round_trip(tmp_path, scan_layers):
     """A UniViGU saves as one folder (DiT + text side, stacks stacked on disk) and loads back as a UniViGU, in either

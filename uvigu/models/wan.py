@@ -98,11 +98,17 @@ WanConfig.PRESETS = PRESETS
 
 def layer_stack(make_layer, num_layers: int, stacked: bool, rngs: nnx.Rngs):
     """`num_layers` layers from `make_layer(rngs)`: one module with params stacked on a leading 'layers' axis (for
-    nnx.scan) or an nnx.List of separate layers."""
+    nnx.scan) or an nnx.List of separate layers.
+
+    Both draw layer i's params from the same i-th forked key, so `scan_layers` stays an execution choice: a looped
+    model starts from exactly the params of the stacked one, sliced."""
+    forked = rngs.fork(split=num_layers)
     if stacked:
         make = nnx.vmap(make_layer, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        return make(rngs.fork(split=num_layers))
-    return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+        return make(forked)
+    graphdef, streams = nnx.split(forked)
+    return nnx.List([make_layer(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], streams)))
+                     for i in range(num_layers)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
