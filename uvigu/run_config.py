@@ -130,11 +130,13 @@ def use_toy_world(c: ml_collections.ConfigDict) -> None:
     wide as its tokens need: a (1, 2, 2) patch of the 8 x 8 x 12 toy latents is 48 values, and the 96-wide model can
     carry all of them (the earlier 64-wide model under 576-value (3, 2, 2) patches could not remove 89 % of the noise;
     see `uvigu.data.world`). Two heads: head dim 48 gives each RoPE axis 8 frequencies instead of 4. float32: on
-    XLA:CPU the bf16 step is slower (no bf16 matmul units), and the toy model is small enough."""
+    XLA:CPU the bf16 step is slower (no bf16 matmul units), and the toy model is small enough. Layers in a Python loop
+    (`scan_layers=False`): at 4 layers the compile stays short and the step skips the scan's stacked residual buffers
+    (steps/s 11.2 -> 12.8 pretrain, 9.1 -> 10.4 stage 2, issue-11 note)."""
     # Wan's (1, 2, 2) patch: 5 x 4 x 4 = 80 tokens of 48 values.
     wan = WanConfig.preset("tiny", dim=96, ffn_dim=256, num_heads=2, num_layers=4, in_channels=TOY_LATENT_CHANNELS,
                            out_channels=TOY_LATENT_CHANNELS, text_dim=TOY_CONTEXT_DIM, freq_dim=64, text_len=16,
-                           patch_size=(1, 2, 2), dtype="float32")
+                           patch_size=(1, 2, 2), dtype="float32", scan_layers=False)
     c.model.wan = ml_collections.ConfigDict(dataclasses.asdict(wan))
     # The released code's discrete text flow: at this size the paper's embedding flow learns captioning far slower
     # (issue-4 note); both stay one switch away (--config.model.univigu.text_flow=embedding).
