@@ -44,6 +44,7 @@ from flax import nnx
 from uvigu import checkpoint, run_config, sharding, train
 from uvigu.data import pipeline, toy_world
 from uvigu.data.world import ATTRIBUTES, PROMPT_ATTRIBUTES
+from uvigu.models import flat_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,7 +194,22 @@ def checkpoint_state(workdir: Path, step: int | None = None) -> dict[str, dict[s
     return {"params": flat(state["params"]), "opt": flat(state["opt"])}
 
 
+_LOOPED = re.compile(r"^(.*?(?:blocks|ffn_t))\.(\d+)\.(.+)$")
+
+
+def stacked_layout(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flat params of a looped model (`blocks.{i}.x`: the toy configs loop over layers) in the stacked layout
+    (`blocks.x` [L, ...]) of model folders and scanned models; stacked params come back unchanged."""
+    found = [m for m in map(_LOOPED.match, params) if m]
+    if not found:
+        return params
+    prefixes = tuple(sorted({m.group(1) for m in found}))
+    return flat_params.stack_blocks(params, max(int(m.group(2)) for m in found) + 1, prefixes)
+
+
 def assert_params_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
+    """Equal params, compared in the stacked layout (a looped run's checkpoints against a model folder)."""
+    got, want = stacked_layout(got), stacked_layout(want)
     assert sorted(got) == sorted(want), what
     different = [k for k in want if not np.array_equal(got[k], want[k])]
     assert not different, f"{what}: {len(different)} params differ, e.g. {different[:5]}"

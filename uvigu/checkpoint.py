@@ -166,13 +166,13 @@ def save_pretrained(path: str | Path, model: nnx.Module, *, source: Mapping[str,
     """Writes `model`'s params and config to the model folder `path` (e.g. `DST/dit`), layer stacks stacked.
 
     Multi-process: every process calls it with its shards of the same model (Orbax writes each process's part).
-    A looped model (`scan_layers=False`) is stacked on the host first, which holds one extra copy of the blocks.
+    A looped model (`scan_layers=False`) is stacked on its devices first, which holds one extra copy of the blocks
+    there.
     """
     kind, config = kind_of(model), model_config(model)
     flat = flat_params.state_to_flat_params(model)
     if _stacked(config) is not config:
-        flat = flat_params.stack_blocks({k: np.asarray(v) for k, v in flat.items()}, _num_layers(config),
-                                        kind.stacks)
+        flat = flat_params.stack_blocks(flat, _num_layers(config), kind.stacks)
     return save_params(path, kind.name, _stacked(config), flat, source=source, overwrite=overwrite)
 
 

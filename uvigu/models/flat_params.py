@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -93,8 +94,16 @@ def stack_blocks(flat: Mapping[str, Any], num_layers: int, prefixes: tuple[str, 
     for name, by_layer in per_layer.items():
         if sorted(by_layer) != list(range(num_layers)):
             raise ValueError(f"{name} (stacked): have layers {sorted(by_layer)}, expected 0..{num_layers - 1}")
-        out[name] = np.stack([np.asarray(by_layer[i]) for i in range(num_layers)])
+        out[name] = _stack([by_layer[i] for i in range(num_layers)])
     return out
+
+
+def _stack(arrays: list) -> Any:
+    """numpy in, numpy out; jax arrays are stacked on their devices (a multi-process model's arrays span other
+    processes' devices and cannot be fetched to one host)."""
+    if any(isinstance(a, jax.Array) for a in arrays):
+        return jnp.stack(arrays)
+    return np.stack(arrays)
 
 
 def to_numpy(x) -> np.ndarray:
