@@ -20,7 +20,7 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
-# The default suite: CPU, tiny configs, ~13 minutes on 2 idle cores (2 workers). Tests marked `slow` are left out.
+# The default suite: CPU, tiny configs, ~16 minutes on 2 idle cores (2 workers). Tests marked `slow` are left out.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
