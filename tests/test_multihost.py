@@ -195,9 +195,9 @@ def test_two_processes_match_one_device(setup, runs):
     from uvigu.models import flat_params
 
     # (loaded in the run's layer layout: the tiny configs loop over layers, the folder holds them stacked)
-    looped = not run_config.load("pretrain_t2v", "tiny").model.wan.scan_layers
+    run_layout = run_config.load("pretrain_t2v", "tiny").model.wan.scan_layers
     exported = {k: np.asarray(v) for k, v in flat_params.state_to_flat_params(
-        checkpoint.load_pretrained(root / "two" / "export", scan_layers=not looped)).items()}
+        checkpoint.load_pretrained(root / "two" / "export", scan_layers=run_layout)).items()}
     _assert_close(exported, _params(root / "two", 4), "export vs last checkpoint", rtol=0)
     assert not list((root / "two" / "export").glob(".*partial*"))
     # The final evaluation, its batches split over the 4 devices of 2 processes, scores what 1 device scores.
