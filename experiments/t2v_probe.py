@@ -11,7 +11,13 @@
    the pixel detector reads the result. σ0 = 1 is plain T2V; the σ0 at which an attribute stops surviving is the
    noise level from which the generator can no longer draw it.
 
-Both print a table; `--probe_json` also writes the numbers. (Flag names are prefixed: absl flags are global, and
+3. The gap to the Bayes-optimal denoiser. The world is a finite set of scenes: `world.prompt_scenes` lists the 420
+   a prompt allows, so E[x0 | x_σ, prompt] is computable exactly (`bayes_x0`, a uniform prior over them). On
+   validation clips the model's x0 error is set against it at each σ: the gap is what training has not learnt yet.
+4. Hand-over sampling. Euler from pure noise with the Bayes denoiser above σ_cut and the model below it: which noise
+   range loses which attribute. σ_cut = 1 is the model alone.
+
+All print a table; `--probe_json` also writes the numbers. (Flag names are prefixed: absl flags are global, and
 the tests import every experiment into one process.)
 """
 
@@ -37,6 +43,8 @@ _START_SIGMAS = flags.DEFINE_list("probe_start_sigmas", ["0.35", "0.5", "0.7", "
 _EXAMPLES = flags.DEFINE_integer("probe_examples", 64, "Clips per probe.")
 _STEPS = flags.DEFINE_integer("probe_steps", 30, "Euler steps from σ0 to 0.")
 _GUIDANCE = flags.DEFINE_float("probe_guidance", 3.0, "CFG scale of the denoising probe.")
+_CUTS = flags.DEFINE_list("probe_cuts", ["1.0", "0.9", "0.8", "0.6", "0.4"],
+                          "σ_cut of the hand-over probe: the Bayes denoiser above it, the model below.")
 _JSON = flags.DEFINE_string("probe_json", None, "Also write the numbers here.")
 
 # Wan convention throughout: x_σ = (1 − σ)·x0 + σ·noise; the DiT predicts (noise − x0) at timestep σ·1000.
@@ -105,7 +113,27 @@ def denoise_from(velocity: WanVelocity, latents: np.ndarray, noise: np.ndarray, 
     return np.asarray(x)
 
 
-def run(export: str, world: str, *, sigmas, start_sigmas, examples: int, steps: int, guidance: float) -> dict:
+def bayes_x0(candidates: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
+    """E[x0 | x_σ] when x0 is uniform over the rows of `candidates` [N, ...] (one clip's possible scenes) and
+    x_σ = (1 − σ)·x0 + σ·noise: the softmax over −‖x − (1 − σ)·x0_n‖² / 2σ² of the candidates."""
+    flat = candidates.reshape(candidates.shape[0], -1)
+    logits = -jnp.sum(jnp.square(x.reshape(1, -1) - (1.0 - sigma) * flat), axis=-1) / (2.0 * sigma**2)
+    return (jax.nn.softmax(logits) @ flat).reshape(x.shape)
+
+
+def handover_sample(model_x0: Callable, oracle_x0: Callable, noise: np.ndarray, cut: float, steps: int) -> np.ndarray:
+    """Euler from pure noise (σ = 1) to 0 on a uniform grid; x0 from `oracle_x0(x, σ)` while σ > cut, from
+    `model_x0(x, σ)` after. (The Wan velocity is (x − x0) / σ.)"""
+    x = jnp.asarray(noise, jnp.float32)
+    grid = np.linspace(1.0, 0.0, steps + 1)
+    for sigma, nxt in zip(grid[:-1], grid[1:]):
+        x0 = oracle_x0(x, float(sigma)) if sigma > cut else model_x0(x, float(sigma))
+        x = x + (nxt - sigma) * (x - x0) / sigma
+    return np.asarray(x)
+
+
+def run(export: str, world: str, *, sigmas, start_sigmas, examples: int, steps: int, guidance: float,
+        cuts=()) -> dict:
     from uvigu import checkpoint, run_config, run_data
     from uvigu.eval import toy_metrics
 
@@ -134,7 +162,45 @@ def run(export: str, world: str, *, sigmas, start_sigmas, examples: int, steps: 
         videos = data.codec.decode(denoise_from(velocity, latents, noise, sigma0, steps))
         report["denoise"][float(sigma0)] = toy_metrics.video_accuracy(
             videos, truth, attributes=("shape", "colour", "motion", "size", "speed", "position"))
+    if cuts:
+        report.update(_bayes_probes(dit, data.codec, held, sigmas, cuts, steps))
     return report
+
+
+def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int) -> dict:
+    """Probes 3 and 4 on the clips `held` (records of the default world)."""
+    from uvigu.data import world as world_lib
+    from uvigu.eval import toy_metrics
+
+    spec = world_lib.WorldSpec()
+    candidates = {}
+    for r in held:
+        triple = tuple(r["attributes"][a] for a in PROMPT_ATTRIBUTES)
+        if triple not in candidates:
+            videos = np.stack([world_lib.render(spec, s) for s in world_lib.prompt_scenes(spec, *triple)])
+            candidates[triple] = jnp.asarray(codec.encode(videos))
+    per_clip = [candidates[tuple(r["attributes"][a] for a in PROMPT_ATTRIBUTES)] for r in held]
+    oracle = jax.jit(jax.vmap(bayes_x0, in_axes=(0, 0, None)))
+    stacked = jnp.stack(per_clip)  # every prompt allows the same number of scenes
+    latents = jnp.asarray(np.stack([r["latents"] for r in held]))
+    context = jnp.asarray(np.stack([r["context"] for r in held]))
+    velocity = cfg_velocity(dit, np.asarray(context), 1.0)
+
+    def model_x0(x, sigma):
+        return x - sigma * velocity(x, sigma)
+
+    noise = jax.random.normal(jax.random.key(2), latents.shape, jnp.float32)
+    gap = {}
+    for sigma in sigmas:
+        x = (1.0 - sigma) * latents + sigma * noise
+        gap[float(sigma)] = {"model": float(jnp.mean(jnp.square(model_x0(x, sigma) - latents))),
+                             "bayes": float(jnp.mean(jnp.square(oracle(stacked, x, sigma) - latents)))}
+    handover = {}
+    truth = [r["attributes"] for r in held]
+    for cut in cuts:
+        x = handover_sample(model_x0, lambda x, s: oracle(stacked, x, s), np.asarray(noise), float(cut), steps)
+        handover[float(cut)] = toy_metrics.video_accuracy(codec.decode(x), truth, attributes=PROMPT_ATTRIBUTES)
+    return {"bayes_gap": gap, "handover": handover}
 
 
 def format_report(report: Mapping) -> str:
@@ -148,6 +214,14 @@ def format_report(report: Mapping) -> str:
     lines.append("  σ0     " + "".join(f"{a:>9}" for a in attrs))
     for s0, acc in sorted(report["denoise"].items()):
         lines.append(f"  {s0:<5.2f}  " + "".join(f"{acc[a]:>9.2f}" for a in attrs))
+    if "bayes_gap" in report:
+        lines.append("\nx0 MSE on validation clips at σ, the model against the Bayes-optimal denoiser:")
+        lines.append("  σ        model    Bayes")
+        lines += [f"  {s:<5.2f}  {g['model']:>7.4f}  {g['bayes']:>7.4f}" for s, g in sorted(report["bayes_gap"].items())]
+        lines.append("\nEuler from noise, the Bayes denoiser above σ_cut and the model below (1.0: the model alone):")
+        lines.append("  σ_cut  " + "".join(f"{a:>9}" for a in PROMPT_ATTRIBUTES))
+        for cut, acc in sorted(report["handover"].items(), reverse=True):
+            lines.append(f"  {cut:<5.2f}  " + "".join(f"{acc[a]:>9.2f}" for a in PROMPT_ATTRIBUTES))
     return "\n".join(lines)
 
 
@@ -155,7 +229,7 @@ def main(argv):
     del argv
     report = run(_EXPORT.value, _WORLD_PATH.value, sigmas=[float(s) for s in _SIGMAS.value],
                  start_sigmas=[float(s) for s in _START_SIGMAS.value], examples=_EXAMPLES.value, steps=_STEPS.value,
-                 guidance=_GUIDANCE.value)
+                 guidance=_GUIDANCE.value, cuts=[float(c) for c in _CUTS.value])
     print(format_report(report))
     if _JSON.value:
         Path(_JSON.value).write_text(json.dumps(report, indent=1) + "\n")

@@ -224,3 +224,46 @@ def test_swapped_triples_change_one_word_to_a_known_prompt():
     assert t2v_probe.swapped_triples(triples, known, "motion") == [("circle", "red", "right"), None]
     assert t2v_probe.swapped_triples(triples, known, "shape") == [("square", "red", "left"), None]
     assert t2v_probe.swapped_triples(triples, known, "colour") == [("circle", "green", "left"), None]
+
+
+def test_bayes_x0_is_the_posterior_mean_over_the_candidates():
+    rng = np.random.default_rng(3)
+    candidates = jnp.asarray(rng.standard_normal((3, 2, 4, 4, 5)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((2, 4, 4, 5)).astype(np.float32))
+    # One candidate: the posterior is a point mass, at any σ.
+    np.testing.assert_allclose(t2v_probe.bayes_x0(candidates[:1], x, 0.7), candidates[0], atol=1e-6)
+    # σ = 1: x carries nothing of x0, so the posterior is the prior: the plain mean.
+    np.testing.assert_allclose(t2v_probe.bayes_x0(candidates, x, 1.0), candidates.mean(0), atol=1e-5)
+    # Low noise around candidate 1: the posterior concentrates on it.
+    near = 0.95 * candidates[1] + 0.05 * x
+    np.testing.assert_allclose(t2v_probe.bayes_x0(candidates, near, 0.05), candidates[1], atol=1e-5)
+    # In between, the weights are the Gaussian likelihoods (checked by hand for σ = 0.6).
+    sigma = 0.6
+    logl = np.array([-np.sum((np.asarray(x) - 0.4 * np.asarray(c)) ** 2) / (2 * sigma**2) for c in candidates])
+    w = np.exp(logl - logl.max())
+    w /= w.sum()
+    np.testing.assert_allclose(t2v_probe.bayes_x0(candidates, x, sigma), np.tensordot(w, np.asarray(candidates), 1),
+                               atol=1e-5)
+
+
+def test_handover_sampling_switches_denoiser_at_the_cut():
+    rng = np.random.default_rng(4)
+    clip = rng.standard_normal((1, 2, 4, 4, 3)).astype(np.float32)
+    noise = rng.standard_normal(clip.shape).astype(np.float32)
+    seen = []
+
+    def oracle(x, sigma):
+        seen.append(("oracle", sigma))
+        return jnp.asarray(clip)
+
+    def model(x, sigma):
+        seen.append(("model", sigma))
+        return x  # an identity denoiser: the velocity is 0, x stays where it is
+
+    # The oracle to the end: lands on the clip. The model from the start: x stays the noise.
+    np.testing.assert_allclose(t2v_probe.handover_sample(model, oracle, noise, 0.0, 5), clip, atol=1e-5)
+    np.testing.assert_allclose(t2v_probe.handover_sample(model, oracle, noise, 1.0, 5), noise, atol=1e-6)
+    seen.clear()
+    out = t2v_probe.handover_sample(model, oracle, noise, 0.5, 4)  # σ 1, .75 by the oracle; .5, .25 by the model
+    assert [who for who, _ in seen] == ["oracle", "oracle", "model", "model"]
+    np.testing.assert_allclose(out, 0.5 * clip + 0.5 * noise, atol=1e-5)  # where the oracle left it at σ = 0.5

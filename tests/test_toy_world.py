@@ -433,3 +433,16 @@ def test_tfds_path_runs_without_tensorflow(built, tmp_path):
     proc = subprocess.run([sys.executable, "-c", _WITHOUT_TF, str(built.root), str(tmp_path / "tfds")], cwd=repo,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK without tensorflow" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_prompt_scenes_lists_every_scene_a_prompt_can_draw():
+    spec = world.WorldSpec()
+    for split in world.SPLITS:
+        for scene in world.split_scenes(spec, split):
+            assert scene in set(world.prompt_scenes(spec, scene.shape, scene.colour, scene.motion))
+    scenes = world.prompt_scenes(spec, "circle", "red", "left")
+    assert len(scenes) == len(set(scenes)) == 420  # sizes x speeds x backgrounds x 7 lane places x path starts
+    assert {(s.shape, s.colour, s.motion) for s in scenes} == {("circle", "red", "left")}
+    for s in scenes:  # the shape is whole in every frame: the same number of pixels in each
+        areas = np.all(world.render(spec, s) == world.COLOUR_RGB["red"], axis=-1).sum(axis=(1, 2))
+        assert areas.min() == areas.max() > 0

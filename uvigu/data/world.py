@@ -258,6 +258,29 @@ def _sample(spec: WorldSpec, combos: tuple[tuple[str, str, str], ...], rng: np.r
                  start=start)
 
 
+def prompt_scenes(spec: WorldSpec, shape: str, colour: str, motion: str) -> tuple[Scene, ...]:
+    """Every scene `_sample` can draw for one (shape, colour, motion) prompt, in a fixed order: each size, speed,
+    background, lane with its jitter, and start that keeps the path in frame. (The draws are not uniform over this
+    set: a lane's jitter and the start are drawn after the lane.) What a Bayes-optimal denoiser of the world averages
+    over (`experiments.t2v_probe`)."""
+    out = []
+    axis = motion_axis(motion)
+    along_len, _ = _axis_lengths(spec, motion)
+    direction = sum(MOTION_VECTORS[motion])
+    for size, half in zip(spec.sizes, spec.half_extents):
+        lo, hi = _bounds(half, along_len)
+        for speed, pixels in zip(spec.speeds, spec.pixel_speeds):
+            path = pixels * (spec.frames - 1)
+            starts = range(lo, hi - path + 1) if direction > 0 else range(lo + path, hi + 1)
+            for background in spec.backgrounds:
+                for lane, offsets in ((0, (0, 1)), (1, (-1, 0, 1)), (2, (0, -1))):
+                    for lane_offset in offsets:
+                        out += [Scene(shape=shape, colour=colour, motion=motion, size=size, speed=speed,
+                                      position=LANES[axis][lane], background=background, lane_offset=lane_offset,
+                                      start=start) for start in starts]
+    return tuple(out)
+
+
 def _rng(spec: WorldSpec, split: str, index: int, attempt: int) -> np.random.Generator:
     return np.random.default_rng([spec.seed, SPLITS.index(split), index, attempt])
 
