@@ -97,7 +97,10 @@ def cfg_velocity(dit, context: np.ndarray, guidance: float) -> WanVelocity:
     def velocity(state, x, sigma):
         model = nnx.merge(graphdef, state)
         timestep = jnp.full((x.shape[0],), sigma * 1000.0, jnp.float32)
-        cond, uncond = model(x, timestep, context), model(x, timestep, jnp.zeros_like(context))
+        cond = model(x, timestep, context)
+        if guidance == 1.0:  # plain conditional: no unconditional pass to pay for
+            return cond
+        uncond = model(x, timestep, jnp.zeros_like(context))
         return uncond + guidance * (cond - uncond)
 
     return lambda x, sigma: velocity(state, x, jnp.float32(sigma))
@@ -124,12 +127,10 @@ def bayes_x0(candidates: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
 def handover_sample(model_x0: Callable, oracle_x0: Callable, noise: np.ndarray, cut: float, steps: int) -> np.ndarray:
     """Euler from pure noise (σ = 1) to 0 on a uniform grid; x0 from `oracle_x0(x, σ)` while σ > cut, from
     `model_x0(x, σ)` after. (The Wan velocity is (x − x0) / σ.)"""
-    x = jnp.asarray(noise, jnp.float32)
-    grid = np.linspace(1.0, 0.0, steps + 1)
-    for sigma, nxt in zip(grid[:-1], grid[1:]):
-        x0 = oracle_x0(x, float(sigma)) if sigma > cut else model_x0(x, float(sigma))
-        x = x + (nxt - sigma) * (x - x0) / sigma
-    return np.asarray(x)
+    def velocity(x, sigma):
+        return (x - (oracle_x0 if sigma > cut else model_x0)(x, sigma)) / sigma
+
+    return denoise_from(velocity, np.zeros_like(noise), noise, 1.0, steps)
 
 
 def run(export: str, world: str, *, sigmas, start_sigmas, examples: int, steps: int, guidance: float,
@@ -172,7 +173,7 @@ def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int) -> dict:
     from uvigu.data import world as world_lib
     from uvigu.eval import toy_metrics
 
-    spec = world_lib.WorldSpec()
+    spec = world_lib.WorldSpec()  # the scene geometry; a config's toy world changes only its seed and split sizes
     candidates = {}
     for r in held:
         triple = tuple(r["attributes"][a] for a in PROMPT_ATTRIBUTES)
