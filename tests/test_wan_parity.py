@@ -171,6 +171,16 @@ def test_per_token_modulation_matches_diffusers_ti2v_path():
     _, e0 = model.condition_embedder.time(jnp.asarray(t))
     got = model.blocks[0](jnp.asarray(h), jnp.asarray(ctx), e0, model.video_rope(grid))
     assert rel_err(got, want) <= TOL
+    # The whole model with [B, L] timesteps (what per-frame noise levels in pretraining use).
+    x = rng.standard_normal((b, T, H, W, cfg.in_channels)).astype(np.float32)
+    text = rng.standard_normal((b, 7, cfg.text_dim)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(t), torch.from_numpy(text),
+                   return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+    got = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(text))
+    assert rel_err(got, want) <= TOL
+    with pytest.raises(ValueError, match="timestep must be"):
+        model(jnp.asarray(x), jnp.asarray(t[:, :-1]), jnp.asarray(text))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

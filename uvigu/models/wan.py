@@ -318,8 +318,8 @@ class WanDiT(nnx.Module):
     """Wan2.1 T2V DiT.
 
     `__call__(x, timestep, context)`: x [B, T, H, W, C] channels-last latents, timestep [B] in Wan units (σ·1000,
-    1000 = pure noise), context [B, S, text_dim] umT5 embeddings -> [B, T, H, W, C_out] float32, Wan's raw prediction
-    (noise − data). The pretrained model saw context zero-padded to `text_len` tokens (the pipeline's job).
+    1000 = pure noise) or [B, L] per video token (diffusers' Wan2.2 TI2V form; tokens in (t h w) order), context
+    [B, S, text_dim] umT5 embeddings -> [B, T, H, W, C_out] float32, Wan's raw prediction (noise − data). The pretrained model saw context zero-padded to `text_len` tokens (the pipeline's job).
     """
 
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
@@ -411,12 +411,14 @@ class WanDiT(nnx.Module):
     def __call__(
         self,
         x: Float[Array, "B T H W C"],
-        timestep: Float[Array, "B"],
+        timestep: Float[Array, "B"] | Float[Array, "B L"],
         context: Float[Array, "B S G"],
     ) -> Float[Array, "B T H W C"]:
-        if timestep.ndim != 1 or timestep.shape[0] != x.shape[0]:
-            raise ValueError(f"timestep must be [B={x.shape[0]}] in Wan units, got {timestep.shape}")
         tokens, grid = self.embed_video(x)
+        if timestep.shape not in ((x.shape[0],), tokens.shape[:2]):
+            raise ValueError(f"timestep must be [B={x.shape[0]}] or [B, L={tokens.shape[1]}] in Wan units, got "
+                             f"{timestep.shape}")
         e, e0 = self.condition_embedder.time(timestep)
-        h = self.run_blocks(tokens, self.embed_context(context), e0[:, None], self.video_rope(grid))
+        e0 = e0 if timestep.ndim == 2 else e0[:, None]  # [B, L or 1, 6, D]
+        h = self.run_blocks(tokens, self.embed_context(context), e0, self.video_rope(grid))
         return self.unpatchify(self.head(h, e), grid)
