@@ -2,19 +2,52 @@
 
 Parity tests compare fp32 on the CPU. GPU tests (`-m gpu`) need the GPU visible: run them with
 `JAX_PLATFORMS=cuda,cpu python -m pytest -m gpu`; without a GPU they skip.
+
+On the CPU the suite is compile-bound (tiny models, a few steps each), so by default it compiles with XLA's backend
+optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS`: several times faster to compile; the numbers stay within the
+parity tolerances) and shares one persistent compilation cache between the pytest workers and every subprocess they
+start (the environment is inherited). Both are defaults only: set either variable to override it. The tests whose
+subject is the default-flag program (the kill -9 bitwise rerun, SIGTERM inside a compile) clear them for their
+subprocesses themselves.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+
+
+def pytest_configure(config):
+    # In the controlling process only (the xdist workers it starts inherit the variables).
+    if os.environ["JAX_PLATFORMS"] != "cpu" or hasattr(config, "workerinput"):
+        return
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="uvigu-test-jax-cache-")
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+# The files that take minutes on 2 cores (`--durations`, 2026-12), longest first. `make test` hands whole files to its
+# workers in collection order (`--dist loadfile --no-loadscope-reorder`): starting the long ones first keeps one
+# worker from being left with a long file at the end while the other idles. Files not listed follow in name order.
+LONGEST_FIRST = ("test_multihost.py", "test_faults.py", "test_train.py", "test_real_path.py", "test_pipeline.py",
+                 "test_univigu.py", "test_wan_vae.py", "test_context_parallel.py", "test_released_univigu.py",
+                 "test_demo.py", "test_lora.py")
 
 
 def pytest_collection_modifyitems(config, items):
     import jax
+
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order inside a file is kept
 
     try:
         has_gpu = bool(jax.devices("gpu"))
