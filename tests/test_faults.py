@@ -12,8 +12,8 @@
   7. NaN: never saved (ckpt_every not a multiple of log_every), and never applied however many bad steps in a row.
 
 Runs compile their train step into a persistent cache shared with the subprocesses (as in test_train).
-Test 1 runs with default XLA flags (what the issue asks); the others compile with `jax_disable_most_optimizations`
-in-process only.
+Test 1 and the SIGTERM-inside-a-compile test run with default XLA flags (what the issue asks); the others compile
+with `jax_disable_most_optimizations`, in-process and in their subprocesses.
 """
 
 from __future__ import annotations
@@ -82,12 +82,16 @@ def fast_compiles():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
-def subprocess_env(**extra) -> dict[str, str]:
-    """A child python on the CPU, default XLA flags, sharing this module's compilation cache."""
+def subprocess_env(default_flags: bool = False, **extra) -> dict[str, str]:
+    """A child python on the CPU sharing this module's compilation cache. `default_flags`: XLA's default
+    optimisations (the kill -9 rerun and the compile that SIGTERM interrupts); otherwise they are off, as in-process."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=_SETTINGS["cache"],
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    if default_flags:
+        env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    else:
+        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     env.update(extra)
     return env
 
@@ -186,7 +190,7 @@ def pretrain_run(world, tmp_path_factory) -> dict:
 def test_kill9_then_rerun_is_bitwise_equal(world, tmp_path):
     total = 12
     flags = dict(total_steps=total, ckpt_every=2, keep_checkpoints=2)  # default cosine schedule over 12 steps
-    straight = subprocess.run(main_cmd(tmp_path / "straight", world, **flags), cwd=REPO, env=subprocess_env(),
+    straight = subprocess.run(main_cmd(tmp_path / "straight", world, **flags), cwd=REPO, env=subprocess_env(True),
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -195,7 +199,7 @@ def test_kill9_then_rerun_is_bitwise_equal(world, tmp_path):
     log = tmp_path / "killed.txt"
     killed_dir = tmp_path / "killed"
     with open(log, "w") as err:
-        proc = subprocess.Popen(main_cmd(killed_dir, world, **flags), cwd=REPO, env=subprocess_env(),
+        proc = subprocess.Popen(main_cmd(killed_dir, world, **flags), cwd=REPO, env=subprocess_env(True),
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
         _wait_for(lambda: any(int(m) >= kill_at for m in STEP_LINE.findall(log.read_text())), proc, 240,
@@ -209,7 +213,7 @@ def test_kill9_then_rerun_is_bitwise_equal(world, tmp_path):
     logged = [int(m) for m in STEP_LINE.findall(log.read_text())]
     assert logged and max(logged) < total, f"the run finished before the kill (seed {seed})"
     killed_steps = checkpoint_steps(killed_dir)
-    resumed = subprocess.run(main_cmd(killed_dir, world, **flags), cwd=REPO, env=subprocess_env(),
+    resumed = subprocess.run(main_cmd(killed_dir, world, **flags), cwd=REPO, env=subprocess_env(True),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     what = f"(seed {seed}, killed after step {max(logged)}, checkpoints then: {killed_steps})"
@@ -269,7 +273,7 @@ def test_sigterm_during_compilation_stops_at_once(world, tmp_path):
     wd = tmp_path / "run"
     flags = dict(total_steps=4, model__wan__num_layers=3, model__wan__dim=48, model__wan__num_heads=3)
     log = tmp_path / "log.txt"
-    env = subprocess_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "fresh-cache"))
+    env = subprocess_env(True, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "fresh-cache"))
     with open(log, "w") as err:
         proc = subprocess.Popen(main_cmd(wd, world, **flags), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=err)
