@@ -5,6 +5,7 @@ model; producing the toy world's prompt embeddings needs one, so that wiring liv
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -59,7 +60,10 @@ def build_toy_world_for_run(cache_dir: str, *, seed: int, train_size: int, val_s
     spec = WorldSpec(seed=seed, num_train=train_size, num_validation=val_size, num_test=test_size)
     tok = toy_tokenizer.build_tokenizer(cache_dir, spec)
     enc_cfg = UMT5Config.preset("tiny", vocab_size=tok.vocab_size)
-    encoder = UMT5Encoder(enc_cfg, rngs=nnx.Rngs(TOY_ENCODER_SEED))
+
+    @functools.cache
+    def encoder() -> UMT5Encoder:  # made on the first prompt only: a cached world needs no encoder (seconds of init)
+        return UMT5Encoder(enc_cfg, rngs=nnx.Rngs(TOY_ENCODER_SEED))
 
     @nnx.jit
     def encode(encoder, ids, mask):
@@ -68,4 +72,4 @@ def build_toy_world_for_run(cache_dir: str, *, seed: int, train_size: int, val_s
     encoder_id = json.dumps({"umt5": enc_cfg.to_dict(), "seed": TOY_ENCODER_SEED, "context_len": context_len},
                             sort_keys=True)
     return toy_world.build_toy_world(cache_dir, spec, tok,
-                                     lambda ids, mask: np.asarray(encode(encoder, ids, mask)), encoder_id)
+                                     lambda ids, mask: np.asarray(encode(encoder(), ids, mask)), encoder_id)
