@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Test files run in parallel processes (pytest-xdist, one file per worker: module fixtures stay shared). The suite is
-# compile-bound, so 2 workers on 2 cores take ~6 min instead of ~9.
+# compile-bound, so 2 workers on 2 cores take about half the time of one.
 PYTEST_WORKERS ?= 2
 
 .PHONY: install test test-all demo clean
@@ -20,7 +20,7 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
-# The default suite: CPU, tiny configs, about 21 minutes on 2 cores (2 workers; 571 tests, 2026-12). Tests marked
+# The default suite: CPU, tiny configs, about 18 minutes on 2 cores (2 workers; 571 tests, 2026-12). Tests marked
 # `slow` are left out. `--no-loadscope-reorder`: files go out in the order tests/conftest.py sets, longest first.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)

@@ -5,10 +5,12 @@ Parity tests compare fp32 on the CPU. GPU tests (`-m gpu`) need the GPU visible:
 
 On the CPU the suite is compile-bound (tiny models, a few steps each), so by default it compiles with XLA's backend
 optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS`: several times faster to compile; the numbers stay within the
-parity tolerances) and shares one persistent compilation cache between the pytest workers and every subprocess they
-start (the environment is inherited). Both are defaults only: set either variable to override it. The tests whose
-subject is the default-flag program (the kill -9 bitwise rerun, SIGTERM inside a compile) clear them for their
-subprocesses themselves.
+parity tolerances), with XLA:CPU's older loop emitters instead of its MLIR fusion emitters (`XLA_FLAGS` gains
+`--xla_cpu_use_fusion_emitters=false`: the tiny train steps compile in about half the time), and shares one
+persistent compilation cache between the pytest workers and every subprocess they start (the environment is
+inherited). All three are defaults only: set the variable (or that flag) to override it. The tests whose subject is
+the default-flag program (the kill -9 bitwise rerun, SIGTERM inside a compile) clear them for their subprocesses
+themselves (`default_xla_env`).
 """
 
 import os
@@ -20,8 +22,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from xla_env import FAST_COMPILE_XLA_FLAG  # noqa: E402  (tests/ is on the path now)
 if os.environ["JAX_PLATFORMS"] == "cpu":
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+    if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAG}".strip()
 
 
 def pytest_configure(config):
@@ -35,12 +40,14 @@ def pytest_configure(config):
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
-# The files that take minutes on 2 cores (`--durations`, 2026-12), longest first. `make test` hands whole files to its
-# workers in collection order (`--dist loadfile --no-loadscope-reorder`): starting the long ones first keeps one
-# worker from being left with a long file at the end while the other idles. Files not listed follow in name order.
+# The files by their time on 2 cores (`--durations`, 2026-12-03), longest first: test_multihost 7.5 min, test_faults 5,
+# test_train 4.5, ... down to about 15 s. `make test` hands whole files to its workers in collection order (`--dist
+# loadfile --no-loadscope-reorder`): long files first, short ones last to even out the end, where one worker idling
+# while the other finishes a long file costs wall time. Files not listed (a few seconds each) follow in name order.
 LONGEST_FIRST = ("test_multihost.py", "test_faults.py", "test_train.py", "test_real_path.py", "test_pipeline.py",
-                 "test_univigu.py", "test_wan_vae.py", "test_context_parallel.py", "test_released_univigu.py",
-                 "test_demo.py", "test_lora.py")
+                 "test_univigu.py", "test_wan_vae.py", "test_demo.py", "test_lora.py", "test_released_univigu.py",
+                 "test_wan_parity.py", "test_context_parallel.py", "test_convert_faults.py", "test_notebook.py",
+                 "test_checkpoint.py", "test_preprocess.py", "test_sharding.py", "test_cli.py", "test_toy_world.py")
 
 
 def pytest_collection_modifyitems(config, items):

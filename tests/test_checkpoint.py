@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from reference import rel_err
+from xla_env import host_device_flags
 from uvigu import checkpoint
 from uvigu.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from uvigu.models import wan_keys
@@ -255,7 +256,7 @@ def test_restore_onto_mesh(saved):
             np.testing.assert_array_equal(np.asarray(q), (want if scan else want[1]).astype(q.dtype))
         print("ok")
     """)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_device_flags(8)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

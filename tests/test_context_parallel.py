@@ -20,6 +20,8 @@ import textwrap
 
 import pytest
 
+from xla_env import host_device_flags
+
 WORKER = textwrap.dedent(
     """
     import json, re, sys, time
@@ -168,7 +170,7 @@ WORKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=host_device_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))

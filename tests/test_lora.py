@@ -20,6 +20,7 @@ import torch
 from flax import nnx
 
 from reference import diffusers_forward, diffusers_wan, rel_err
+from xla_env import host_device_flags
 from uvigu.models import lora, lora_formats, wan_keys
 from uvigu.models.lora import LoRAConfig, LoRAWeight
 from uvigu.models.univigu import UniViGUConfig, UniViGUModelConfig
@@ -305,8 +306,11 @@ def test_fresh_adapter_is_identity_and_tagged_like_the_kernel(base_state):
         model = _ours(base_state, scan)
         before = _run(model)
         lora.add_lora(model, LoRAConfig(rank=RANK, alpha=ALPHA), rngs=nnx.Rngs(0))
-        np.testing.assert_array_equal(_run(model), before)  # B = 0: exactly the base model
+        # B = 0: the adapters add exact zeros. The model with them is a separately compiled program, so it matches
+        # the base model to float rounding (bit for bit only where XLA happens to emit both alike).
         q = model.blocks.attn1.to_q if scan else model.blocks[1].attn1.to_q
+        assert not np.any(np.asarray(q.lora_b[...])) and np.any(np.asarray(q.lora_a[...]))
+        np.testing.assert_allclose(_run(model), before, rtol=1e-5, atol=1e-5)
         assert isinstance(q, lora.LoRALinear) and q.scale == ALPHA / RANK
         lead = ("layers",) if scan else ()
         assert q.lora_a.get_metadata()["out_sharding"] == (*lead, "embed", None)
@@ -416,9 +420,10 @@ def test_univigu_ffn_t_adapters(tmp_path):
     base = call(model, *args)
     lora.add_lora(model, LoRAConfig(rank=3), rngs=nnx.Rngs(1))
     assert isinstance(model.ffn_t.proj_in, lora.LoRALinear) and model.ffn_t.proj_in.lora_a.shape == (2, 48, 3)
+    assert not np.any(np.asarray(model.ffn_t.proj_in.lora_b[...]))
     fresh = call(model, *args)
-    for got, want in zip(fresh, base):
-        np.testing.assert_array_equal(got, want)
+    for got, want in zip(fresh, base):  # (B = 0; a separately compiled program: equal to float rounding)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     adapters = _block_adapters(ffn_t=24, rank=3, alpha=3.0, seed=6)
     lora.set_adapters(model, adapters)
     assert "blocks.1.ffn_t.net.0.proj" in lora.get_adapters(model)
@@ -526,7 +531,7 @@ SHARDED_WORKER = textwrap.dedent(
 
 
 def test_adapters_shard_like_their_kernels():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=host_device_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SHARDED_WORKER], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

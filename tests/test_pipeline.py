@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tiny_release as tr
+from xla_env import host_device_flags
 from reference import rel_err
 from tools.convert_wan_weights.cli import main as convert_main
 from uvigu import checkpoint
@@ -256,7 +257,7 @@ def test_sharded_pipeline_matches_one_device(folders, tmp_path):
         assert ticks == [1, 2], ticks
         np.save({str(tmp_path / "sharded.npy")!r}, frames)
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=host_device_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = uvigu_pipeline.load(wan).t2v(PROMPTS, seed=3)

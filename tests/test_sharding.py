@@ -15,6 +15,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from xla_env import host_device_flags
+
 from uvigu import sharding
 
 WORKER = textwrap.dedent(
@@ -83,7 +85,7 @@ CASES = [(True, {"fsdp": 4, "tensor": 2}), (True, {"fsdp": 2, "tensor": 4}),
 
 @pytest.fixture(scope="module")
 def eight_device_results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=host_device_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES)], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

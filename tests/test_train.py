@@ -41,6 +41,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from xla_env import host_device_flags
+
 from uvigu import checkpoint, run_config, sharding, train
 from uvigu.data import pipeline, toy_world
 from uvigu.data.world import ATTRIBUTES, PROMPT_ATTRIBUTES
@@ -460,10 +462,9 @@ def test_eight_devices_match_one(chain, tmp_path):
     c.mesh.update(dict(data=1, fsdp=4, tensor=2, context=1))
     (tmp_path / "config.json").write_text(c.to_json())
     out, workdir, copy = tmp_path / "result.json", tmp_path / "run", tmp_path / "step2"
-    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "config.json"), str(workdir), str(copy),
-                           str(out)], cwd=REPO, env=subprocess_env(XLA_FLAGS=flags), capture_output=True, text=True,
-                          timeout=600)
+                           str(out)], cwd=REPO, env=subprocess_env(XLA_FLAGS=host_device_flags(8)), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     eight = json.loads(out.read_text())
     assert eight["devices"] == 8

@@ -13,6 +13,8 @@ import torch
 import transformers
 from flax import nnx
 
+from xla_env import host_device_flags
+
 from uvigu import sharding
 from uvigu.models import umt5_keys
 from uvigu.models.umt5 import UMT5Config, UMT5Encoder, relative_position_bucket, relative_position_buckets, wan_context
@@ -445,7 +447,7 @@ def test_runs_sharded_on_8_fake_devices():
     import subprocess
     import sys
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_device_flags(8)}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
