@@ -10,7 +10,7 @@ parity tolerances), with XLA:CPU's older loop emitters instead of its MLIR fusio
 persistent compilation cache between the pytest workers and every subprocess they start (the environment is
 inherited). All three are defaults only: set the variable (or that flag) to override it. The tests whose subject is
 the default-flag program (the kill -9 bitwise rerun, SIGTERM inside a compile) clear them for their subprocesses
-themselves (`default_xla_env`).
+themselves (`xla_env.default_compiler`).
 """
 
 import os
@@ -22,11 +22,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from xla_env import FAST_COMPILE_XLA_FLAG  # noqa: E402  (tests/ is on the path now)
+from xla_env import with_fast_compile  # noqa: E402  (tests/ is on the path now)
 if os.environ["JAX_PLATFORMS"] == "cpu":
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
-    if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAG}".strip()
+    os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 
 def pytest_configure(config):

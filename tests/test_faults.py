@@ -90,8 +90,8 @@ def subprocess_env(default_flags: bool = False, **extra) -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=_SETTINGS["cache"],
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    if default_flags:  # (it keeps the compilation cache: the kill -9 rerun and the straight run share programs)
-        env = default_compiler(env) | {"JAX_COMPILATION_CACHE_DIR": _SETTINGS["cache"]}
+    if default_flags:  # (the kill -9 rerun and the straight run share programs through the cache)
+        env = default_compiler(env, keep_cache=True)
     else:
         env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     env.update(extra)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xla_env import default_compiler
+from xla_env import default_compiler, without_device_count
 
 from uvigu import run_config
 
@@ -66,8 +66,7 @@ def setup(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
                JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)  # (the child sets its count)
+    env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))  # (the child sets its count)
     return root, env
 
 
