@@ -20,6 +20,14 @@ thread count. After `--warmup` untimed calls of each, the two sides ALTERNATE (j
 and the median of each is reported, so load from other processes on the machine hits both sides alike; the ratio
 ours / diffusers is what counts (< 1 = we are faster).
 
+`--modes gemm` times what the two sides build on instead of the models: each dense product of one DiT block (the
+weight products of self- and cross-attention and of the FFN, in their forward layout and the two layouts of their
+backward: dx = g·wᵀ and dw = xᵀ·g), as one `jnp.einsum` under `jax.jit` against one torch matmul, same float32
+operands (results compared first), alternating, median of `--iters`. Per product it prints both times and XLA's /
+torch's ratio, and the ratio of their sums over a block's products in all three layouts: what a fwd+bwd made only of
+these products would show. Our model's ratio stays near it unless its other work (attention, norms, elementwise) is
+cheaper than torch's.
+
 `--config k=v,...` overrides our side's execution options (WanConfig fields: scan_layers, remat_policy,
 attention_backend, dtype) so variants can be compared against the same diffusers run; XLA flags go through the
 `XLA_FLAGS` environment variable as usual.
@@ -197,6 +205,76 @@ def bench_config(name: str, exec_overrides: dict[str, Any], *, iters: int, warmu
     return row
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The dense products alone.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def block_products(cfg: WanConfig, rows: int, context_rows: int) -> list[tuple[str, int, int, int]]:
+    """One DiT block's weight products as (name, M, K, N) for x[M, K] · w[K, N]: M = `rows` video tokens (B·L) or
+    `context_rows` text tokens (B·S). Their forward FLOPs, 2·M·K·N each, are §8's projections + ffn + cross_kv."""
+    d, f = cfg.dim, cfg.ffn_dim
+    return [("self q/k/v/o", rows, d, d)] * 4 + [("cross q/o", rows, d, d)] * 2 + \
+        [("cross k/v (context)", context_rows, d, d)] * 2 + [("ffn up", rows, d, f), ("ffn down", rows, f, d)]
+
+
+# (einsum for jnp, the same product for torch) of each layout, on x [M, K], w [K, N], g [M, N].
+GEMM_LAYOUTS: dict[str, tuple[str, Callable]] = {
+    "fwd x·w": ("mk,kn->mn", lambda x, w, g: x @ w),
+    "bwd g·wᵀ": ("mn,kn->mk", lambda x, w, g: g @ w.T),
+    "bwd xᵀ·g": ("mk,mn->kn", lambda x, w, g: x.T @ g),
+}
+
+
+def bench_gemms(name: str, *, iters: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+    """Every distinct (M, K, N) of `block_products` in the three layouts, XLA against torch."""
+    import torch
+
+    cfg = wan_config(name, {})
+    _, _, batch = CONFIGS[name]
+    products = block_products(cfg, batch * token_count(name), batch * CONTEXT_LEN)
+    rng = np.random.default_rng(seed)
+    timings: dict[tuple[int, int, int, str], dict[str, float]] = {}
+    for _, m, k, n in products:
+        if any(key[:3] == (m, k, n) for key in timings):
+            continue
+        x, w, g = (rng.standard_normal(shape).astype(np.float32) for shape in ((m, k), (k, n), (m, n)))
+        jx, jw, jg = map(jnp.asarray, (x, w, g))
+        tx, tw, tg = map(torch.from_numpy, (x, w, g))
+        for layout, (spec, torch_product) in GEMM_LAYOUTS.items():
+            product = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
+            operands = {"fwd x·w": (jx, jw), "bwd g·wᵀ": (jg, jw), "bwd xᵀ·g": (jx, jg)}[layout]
+            got, want = np.asarray(product(*operands)), torch_product(tx, tw, tg).numpy()
+            err = float(np.linalg.norm(got - want) / np.linalg.norm(want))  # never time two different products
+            ours_s, theirs_s = alternate(lambda: product(*operands).block_until_ready(),
+                                         lambda: torch_product(tx, tw, tg), iters=iters, warmup=warmup)
+            timings[(m, k, n, layout)] = {"ours_ms": 1e3 * statistics.median(ours_s),
+                                          "torch_ms": 1e3 * statistics.median(theirs_s), "rel_err": err}
+    table = []
+    for m, k, n, layout in timings:
+        t = timings[(m, k, n, layout)]
+        names = sorted({p for p, *shape in products if tuple(shape) == (m, k, n)})
+        table.append({"products": ", ".join(names), "m": m, "k": k, "n": n, "layout": layout, **t,
+                      "ours_gflops": 2e-6 * m * k * n / t["ours_ms"], "torch_gflops": 2e-6 * m * k * n / t["torch_ms"],
+                      "ratio": t["ours_ms"] / t["torch_ms"]})
+    # A block's weight products, each in all three layouts, at each side's measured speed.
+    ours = sum(timings[(m, k, n, layout)]["ours_ms"] for _, m, k, n in products for layout in GEMM_LAYOUTS)
+    theirs = sum(timings[(m, k, n, layout)]["torch_ms"] for _, m, k, n in products for layout in GEMM_LAYOUTS)
+    return {"config": name, "table": table, "block_ours_ms": ours, "block_torch_ms": theirs, "ratio": ours / theirs}
+
+
+def format_gemm_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['config']}: one block's weight products, XLA:CPU (jnp.einsum) against torch",
+             f"{'products':<22} {'M x K x N':>17} {'layout':<10} {'ours ms':>8} {'torch ms':>9} {'GFLOP/s ours':>13} "
+             f"{'torch':>6} {'ratio':>6}"]
+    for r in result["table"]:
+        lines.append(f"{r['products']:<22} {r['m']:>5}x{r['k']:>5}x{r['n']:>5} {r['layout']:<10} {r['ours_ms']:>8.2f} "
+                     f"{r['torch_ms']:>9.2f} {r['ours_gflops']:>13.1f} {r['torch_gflops']:>6.1f} {r['ratio']:>5.2f}x")
+    lines.append(f"all of a block's weight products, fwd + bwd: ours {result['block_ours_ms']:.1f} ms, torch "
+                 f"{result['block_torch_ms']:.1f} ms: {result['ratio']:.2f}x")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'config':<8} {'mode':<8} {'tokens':>7} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7}   rel err"]
     for r in rows:
@@ -213,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", default="small,wide", help=f"comma-separated, of {sorted(CONFIGS)}")
     p.add_argument("--config", default="", help=f"our execution options KEY=VALUE,...; keys {sorted(EXEC_FIELDS)}")
-    p.add_argument("--modes", default="fwd,fwd_bwd", help="comma-separated, of fwd, fwd_bwd")
+    p.add_argument("--modes", default="fwd,fwd_bwd", help="comma-separated, of fwd, fwd_bwd, gemm")
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -228,22 +306,31 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               file=sys.stderr)
     overrides = parse_exec_overrides(args.config)
     modes = tuple(filter(None, args.modes.split(",")))
-    if bad := set(modes) - {"fwd", "fwd_bwd"}:
+    if bad := set(modes) - {"fwd", "fwd_bwd", "gemm"}:
         raise SystemExit(f"--modes: unknown {sorted(bad)}")
     if args.iters < 1 or args.warmup < 0:
         raise SystemExit("--iters must be >= 1 and --warmup >= 0")
+    names = list(filter(None, args.configs.split(",")))
+    gemms = []
+    if "gemm" in modes:
+        for name in names:
+            gemms.append(bench_gemms(name, iters=args.iters, warmup=args.warmup, seed=args.seed))
+            print(format_gemm_table(gemms[-1]), flush=True)
     rows = []
-    for name in filter(None, args.configs.split(",")):
-        rows.append(bench_config(name, overrides, iters=args.iters, warmup=args.warmup, modes=modes, seed=args.seed))
-        print(format_table(rows[-1:]).split("\n", 1)[1] if len(rows) > 1 else format_table(rows), flush=True)
-    print()
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} exec={rows[0]['exec'] if rows else {}}")
-    print(format_table(rows))
+    model_modes = tuple(m for m in modes if m != "gemm")
+    if model_modes:
+        for name in names:
+            rows.append(bench_config(name, overrides, iters=args.iters, warmup=args.warmup, modes=model_modes,
+                                     seed=args.seed))
+            print(format_table(rows[-1:]).split("\n", 1)[1] if len(rows) > 1 else format_table(rows), flush=True)
+        print()
+        print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} exec={rows[0]['exec']}")
+        print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "xla_flags": os.environ.get("XLA_FLAGS", ""), "argv": sys.argv[1:]}, f, indent=1)
-    return rows
-
+            json.dump({"rows": rows, "gemm": gemms, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                       "argv": sys.argv[1:]}, f, indent=1)
+    return rows + gemms
 
 if __name__ == "__main__":
     main()

@@ -174,6 +174,24 @@ def test_bench_cpu_exec_overrides():
         bench_cpu.wan_config("small", {"remat_policy": "sometimes"})
 
 
+def test_bench_cpu_block_products_are_the_formulas_weight_terms():
+    cfg = bench_cpu.wan_config("wide", {})
+    rows, context_rows = 1536, 16
+    products = bench_cpu.block_products(cfg, rows, context_rows)
+    terms = bench_dit.layer_flop_terms(rows, context_rows, cfg.dim, cfg.ffn_dim)
+    assert sum(2 * m * k * n for _, m, k, n in products) == pytest.approx(
+        terms["projections"] + terms["ffn"] + terms["cross_kv"])
+
+
+def test_bench_cpu_gemm_mode_times_every_product_layout():
+    result = bench_cpu.bench_gemms("small", iters=1, warmup=0)
+    shapes = {(m, k, n) for _, m, k, n in bench_cpu.block_products(bench_cpu.wan_config("small", {}), 4 * 320, 4 * 16)}
+    assert {(r["m"], r["k"], r["n"], r["layout"]) for r in result["table"]} == {
+        (*shape, layout) for shape in shapes for layout in bench_cpu.GEMM_LAYOUTS}
+    assert result["ratio"] == pytest.approx(result["block_ours_ms"] / result["block_torch_ms"])
+    assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["rel_err"] < 1e-5 for r in result["table"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # t2v_probe: the two probes.
 # ----------------------------------------------------------------------------------------------------------------------
