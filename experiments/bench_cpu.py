@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -218,11 +219,12 @@ def block_products(cfg: WanConfig, rows: int, context_rows: int) -> list[tuple[s
         [("cross k/v (context)", context_rows, d, d)] * 2 + [("ffn up", rows, d, f), ("ffn down", rows, f, d)]
 
 
-# (einsum for jnp, the same product for torch) of each layout, on x [M, K], w [K, N], g [M, N].
-GEMM_LAYOUTS: dict[str, tuple[str, Callable]] = {
-    "fwd x·w": ("mk,kn->mn", lambda x, w, g: x @ w),
-    "bwd g·wᵀ": ("mn,kn->mk", lambda x, w, g: g @ w.T),
-    "bwd xᵀ·g": ("mk,mn->kn", lambda x, w, g: x.T @ g),
+# Each layout on x [M, K], w [K, N], g [M, N]: its einsum over the two operands it takes (picked from x, w, g),
+# and the same product written for torch.
+GEMM_LAYOUTS: dict[str, tuple[str, Callable, Callable]] = {
+    "fwd x·w": ("mk,kn->mn", lambda x, w, g: (x, w), lambda x, w, g: x @ w),
+    "bwd g·wᵀ": ("mn,kn->mk", lambda x, w, g: (g, w), lambda x, w, g: g @ w.T),
+    "bwd xᵀ·g": ("mk,mn->kn", lambda x, w, g: (x, g), lambda x, w, g: x.T @ g),
 }
 
 
@@ -235,19 +237,16 @@ def bench_gemms(name: str, *, iters: int, warmup: int, seed: int = 0) -> dict[st
     products = block_products(cfg, batch * token_count(name), batch * CONTEXT_LEN)
     rng = np.random.default_rng(seed)
     timings: dict[tuple[int, int, int, str], dict[str, float]] = {}
-    for _, m, k, n in products:
-        if any(key[:3] == (m, k, n) for key in timings):
-            continue
+    for m, k, n in dict.fromkeys((m, k, n) for _, m, k, n in products):  # distinct shapes, in order
         x, w, g = (rng.standard_normal(shape).astype(np.float32) for shape in ((m, k), (k, n), (m, n)))
-        jx, jw, jg = map(jnp.asarray, (x, w, g))
-        tx, tw, tg = map(torch.from_numpy, (x, w, g))
-        for layout, (spec, torch_product) in GEMM_LAYOUTS.items():
-            product = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
-            operands = {"fwd x·w": (jx, jw), "bwd g·wᵀ": (jg, jw), "bwd xᵀ·g": (jx, jg)}[layout]
-            got, want = np.asarray(product(*operands)), torch_product(tx, tw, tg).numpy()
+        jax_operands, torch_operands = tuple(map(jnp.asarray, (x, w, g))), tuple(map(torch.from_numpy, (x, w, g)))
+        for layout, (spec, pick, torch_product) in GEMM_LAYOUTS.items():
+            product = jax.jit(functools.partial(jnp.einsum, spec))
+            operands = pick(*jax_operands)
+            got, want = np.asarray(product(*operands)), torch_product(*torch_operands).numpy()
             err = float(np.linalg.norm(got - want) / np.linalg.norm(want))  # never time two different products
             ours_s, theirs_s = alternate(lambda: product(*operands).block_until_ready(),
-                                         lambda: torch_product(tx, tw, tg), iters=iters, warmup=warmup)
+                                         lambda: torch_product(*torch_operands), iters=iters, warmup=warmup)
             timings[(m, k, n, layout)] = {"ours_ms": 1e3 * statistics.median(ours_s),
                                           "torch_ms": 1e3 * statistics.median(theirs_s), "rel_err": err}
     table = []
