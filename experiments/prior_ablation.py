@@ -120,16 +120,25 @@ def ensure_prior(prior: Path, world: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def held_out_reports(stage: Stage) -> list[dict]:
+    """The run's held-out evaluations, in step order; a finished run's last one is at its final step."""
+    evals = sorted((stage.workdir / "eval").glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    return [r for r in (json.loads(p.read_text()) for p in evals) if "test" in r]
+
+
+def finished(stage: Stage) -> bool:
+    reports = held_out_reports(stage)
+    return bool(reports) and reports[-1]["step"] == stage.config.total_steps
+
+
 def read_run(stages: Sequence[Stage]) -> dict | None:
     """One arm-seed's curve [(step on the arm's axis, V2T mean over shape/colour/motion, T2V mean)] and the final
     held-out metrics (of its last run's last evaluation); None while any run is unfinished."""
     curve = []
     for stage in stages:
-        evals = sorted((stage.workdir / "eval").glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-        reports = [json.loads(p.read_text()) for p in evals]
-        reports = [r for r in reports if "test" in r]
-        if not reports or reports[-1]["step"] != stage.config.total_steps:
+        if not finished(stage):
             return None
+        reports = held_out_reports(stage)
         for r in reports:
             test = r["test"]
             curve.append((stage.offset + r["step"], _mean(test["v2t"], PROMPT_ATTRIBUTES),
@@ -213,7 +222,8 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    if axes[0].lines:  # no finished run yet: an empty plot, without a legend
+        axes[0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -255,6 +265,8 @@ def main(argv):
         for seed in seeds:  # seed-major: a partial sweep already has every arm at some seeds
             for arm in _ARMS.value:
                 for stage in stages_of(arm, seed):
+                    if finished(stage):  # its final evaluation is written: skip without building the model
+                        continue
                     logging.info("==== %s seed %d: %s (%d steps) ====", arm, seed, stage.name,
                                  stage.config.total_steps)
                     if train.train_and_evaluate(stage.config, str(stage.workdir))["stopped_early"]:

@@ -73,3 +73,27 @@ def test_report_from_finished_runs(tmp_path):
     assert "- no_prior: -0.500 ± 0.141" in table  # 0.3 − 0.8, √(0.02/2 + 0.02/2)
     assert (out / "prior_ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(json.loads((out / "prior_ablation.json").read_text())["runs"]["method"]) == {"0", "1"}
+
+
+def test_rerun_trains_only_unfinished_stages(tmp_path, monkeypatch):
+    """A rerun skips every stage whose final evaluation is written, without building its model; a stage with only
+    earlier evaluations (cut short) is trained again (train resumes it from its checkpoint)."""
+    from absl import flags
+    from uvigu import train
+
+    root, prior = tmp_path / "runs", tmp_path / "prior"
+    (prior / "export" / "dit").mkdir(parents=True)  # a prior exists: nothing trains it
+    s1, s2 = ablation.arm_stages("method", 0, root, prior, tmp_path / "world", (4, 6), evals=2, eval_examples=16)
+    _write_eval(s1.workdir, 4, 0.6, 0.8, 0.1)  # stage 1 finished
+    _write_eval(s2.workdir, 3, 0.7, 0.9, 0.5)  # stage 2 stopped after its first evaluation
+    trained = []
+    monkeypatch.setattr(train, "train_and_evaluate",
+                        lambda config, workdir: trained.append(workdir) or {"stopped_early": True})
+    flags.FLAGS(["prior_ablation", f"--runs={root}", f"--prior={prior}", f"--out={tmp_path / 'out'}",
+                 f"--world={tmp_path / 'world'}", "--arms=method", "--seeds=0", "--evals=2"])
+    monkeypatch.setattr(ablation, "tiny_steps", lambda scale: (4, 6))
+    try:
+        ablation.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert trained == [str(s2.workdir)]
