@@ -12,6 +12,10 @@ Arms (stage lengths are the `tiny` configs' stage 1 and stage 2 steps, times `--
   no_prior      random init     -> stage 1 -> stage 2                                             no generative prior
   frozen_video  generator prior -> stage 1 -> stage 2, video side frozen (`optim.freeze_video`)   prior kept exactly
   embedding     the method with the paper's embedding text flow instead of the discrete one
+  no_recall_restart
+                generator prior -> stage 2 for stage-1 steps -> stage 2 again (its schedule and optimizer restarted)
+                the method's two-run structure without Knowledge Recall: the control that tells what Knowledge Recall
+                does from what restarting the learning-rate schedule and Adam's moments after stage 1 does
 The generator prior is one `pretrain_t2v` run on the same world (`--prior`, default: the demo's export, trained here
 first if it does not exist); every seed starts from it, as every fine-tune of Wan2.1 starts from the same weights.
 Seeds change the training randomness (init of the new text layers, noise, batches' order), never the world
@@ -36,7 +40,7 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
-ARMS = ("method", "no_recall", "no_prior", "frozen_video", "embedding")
+ARMS = ("method", "no_recall", "no_prior", "frozen_video", "embedding", "no_recall_restart")
 PROMPT_ATTRIBUTES = ("shape", "colour", "motion")
 V2T_COLUMNS = ("shape", "colour", "motion", "size", "speed", "position", "background", "exact_match")
 
@@ -67,15 +71,17 @@ class Stage:
 def arm_stages(arm: str, seed: int, root: Path, prior: Path, world: Path, steps: tuple[int, int], evals: int,
                eval_examples: int) -> list[Stage]:
     """The runs of one arm and seed, in order. Stage lengths are `steps` (stage 1, stage 2); `no_recall` spends both
-    in stage 2."""
+    in one stage-2 run, `no_recall_restart` in two."""
     from uvigu import run_config
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms are {ARMS}")
     base = root / arm / f"seed{seed}"
-    plan = [("stage2", steps[0] + steps[1])] if arm == "no_recall" else [("stage1", steps[0]), ("stage2", steps[1])]
+    plan = {"no_recall": [("stage2", "stage2", steps[0] + steps[1])],  # (workdir name, stage, steps)
+            "no_recall_restart": [("stage2_first", "stage2", steps[0]), ("stage2", "stage2", steps[1])]}.get(
+        arm, [("stage1", "stage1", steps[0]), ("stage2", "stage2", steps[1])])
     stages, offset = [], 0
-    for stage, length in plan:
+    for name, stage, length in plan:
         c = run_config.load(stage, "tiny")
         c.seed = seed
         c.data.path = str(world)
@@ -87,11 +93,11 @@ def arm_stages(arm: str, seed: int, root: Path, prior: Path, world: Path, steps:
             c.model.univigu.text_flow = "embedding"
         if arm == "frozen_video":
             c.optim.freeze_video = True
-        if stage == "stage1" or arm == "no_recall":  # the arm's first run: from the prior, or from nothing
+        if not stages:  # the arm's first run: from the prior, or from nothing
             c.init.kind, c.init.path = ("scratch", "") if arm == "no_prior" else ("wan", str(prior / "export" / "dit"))
         else:
             c.init.kind, c.init.path = "stage", str(stages[-1].workdir)
-        stages.append(Stage(stage, c, base / stage, offset))
+        stages.append(Stage(name, c, base / name, offset))
         offset += length
     return stages
 

@@ -23,6 +23,13 @@ def test_arms_differ_only_where_they_should():
     (only,) = stages("no_recall")
     assert (only.name, only.config.total_steps, only.config.init.kind) == ("stage2", 100, "wan")
     assert only.config.data.text_target == "caption"
+    # Its control keeps the method's two runs (a restarted schedule and optimizer after the first) without recall.
+    first, second = stages("no_recall_restart")
+    assert [(s.config.stage, s.config.total_steps, s.offset) for s in (first, second)] == [("stage2", 30, 0),
+                                                                                           ("stage2", 70, 30)]
+    assert (first.config.init.kind, second.config.init.kind, second.config.init.path) == ("wan", "stage",
+                                                                                        str(first.workdir))
+    assert first.workdir != second.workdir and first.config.data.text_target == "caption"
     assert stages("no_prior")[0].config.init.kind == "scratch"
     assert all(s.config.optim.freeze_video for s in stages("frozen_video"))
     assert not any(s.config.optim.freeze_video for s in method)
