@@ -132,8 +132,9 @@ def held_out_reports(stage: Stage) -> list[dict]:
     return [r for r in (json.loads(p.read_text()) for p in evals) if "test" in r]
 
 
-def finished(stage: Stage) -> bool:
-    reports = held_out_reports(stage)
+def finished(stage: Stage, reports: Sequence[dict] | None = None) -> bool:
+    """Whether the run's last held-out evaluation is at its final step (`reports`: its `held_out_reports`, if read)."""
+    reports = held_out_reports(stage) if reports is None else reports
     return bool(reports) and reports[-1]["step"] == stage.config.total_steps
 
 
@@ -142,9 +143,9 @@ def read_run(stages: Sequence[Stage]) -> dict | None:
     held-out metrics (of its last run's last evaluation); None while any run is unfinished."""
     curve = []
     for stage in stages:
-        if not finished(stage):
-            return None
         reports = held_out_reports(stage)
+        if not finished(stage, reports):
+            return None
         for r in reports:
             test = r["test"]
             curve.append((stage.offset + r["step"], _mean(test["v2t"], PROMPT_ATTRIBUTES),
