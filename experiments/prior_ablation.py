@@ -89,6 +89,7 @@ def arm_stages(arm: str, seed: int, root: Path, prior: Path, world: Path, steps:
         c.eval_every = max(1, -(-length // evals))  # the last periodic evaluation is the final one
         c.eval_examples = eval_examples
         c.sample.num_saved = 0
+        c.sample.text_temperature = 1.0  # captions drawn from the flow's law, as in the committed table
         if arm == "embedding":
             c.model.univigu.text_flow = "embedding"
         if arm == "frozen_video":

@@ -52,18 +52,19 @@ class FakePipe:
         return self._video(prompts, num_frames, height, width, seed)
 
     def joint(self, prompt, *, height, width, num_frames, num_inference_steps, guidance_scale, shift, solver, seed,
-              progress=None):
+              temperature=None, progress=None):
         if self.kind == "wan":
             raise PipelineError("captioning needs a Uni-ViGU model")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        self.calls.append(("joint", prompts, dict(seed=seed)))
+        self.calls.append(("joint", prompts, dict(seed=seed, temperature=temperature)))
         self._steps(num_inference_steps, progress)
         return self._video(prompts, num_frames, height, width, seed), [f"caption of {p}" for p in prompts]
 
-    def caption(self, video, *, num_inference_steps=None, seed=0, progress=None):
+    def caption(self, video, *, num_inference_steps=None, temperature=None, seed=0, progress=None):
         if self.kind == "wan":
             raise PipelineError("captioning needs a Uni-ViGU model")
-        self.calls.append(("caption", np.asarray(video), dict(steps=num_inference_steps, seed=seed)))
+        self.calls.append(("caption", np.asarray(video), dict(steps=num_inference_steps, seed=seed,
+                                                              temperature=temperature)))
         self._steps(num_inference_steps or self.defaults.num_inference_steps, progress)
         return [f"a clip of {np.asarray(video).shape[1]} frames"]
 
@@ -258,9 +259,27 @@ def test_caption_reads_at_model_size(fake, model, clip, capsys, default_frames, 
     assert code == 0, err
     kind, video, kw = fake.pipe.calls[0]
     assert video.shape == (1, expect, 32, 48, 3) and video.dtype == np.uint8
-    assert kw == dict(steps=4, seed=3)
+    assert kw == dict(steps=4, seed=3, temperature=None)  # None: the folder's default
     assert stdout.strip() == f"a clip of {expect} frames"
     assert "4/4" in err
+
+
+def test_temperature_flag(fake, model, clip, tmp_path, capsys):
+    code, _, err = run(caption.main, ["--model", model, "--video", clip, "--temperature", "0"], capsys)
+    assert code == 0, err
+    assert fake.pipe.calls[-1][2]["temperature"] == 0.0
+    out = tmp_path / "clip.mp4"
+    code, _, err = run(generate.main, ["--model", model, "--prompt", "a fox", "--out", out, "--mode", "joint",
+                                       "--temperature", "0.5"], capsys)
+    assert code == 0, err
+    assert fake.pipe.calls[-1][2]["temperature"] == 0.5
+    loads = len(fake.loads)
+    code, _, err = run(caption.main, ["--model", model, "--video", clip, "--temperature", "-1"], capsys)
+    assert code == 2 and "--temperature must be >= 0, got -1.0" in err
+    code, _, err = run(generate.main, ["--model", model, "--prompt", "a", "--out", tmp_path / "t.mp4",
+                                       "--temperature", "0"], capsys)
+    assert code == 2 and "applies to --mode joint only" in err and not (tmp_path / "t.mp4").exists()
+    assert len(fake.loads) == loads  # refused before loading
 
 
 def test_caption_errors(fake, model, clip, tmp_path, capsys):

@@ -199,6 +199,17 @@ def test_caption_and_joint_on_a_univigu_folder(folders, tmp_path, capsys):
     frames = read_video(clip, fps=16, num_frames=FRAMES, height=SIZE, width=SIZE)
     assert printed == pipe.caption(frames[None], seed=5)[0]  # the command is the library call on the decoded clip
     assert pipe.caption(frames[None], seed=5) == pipe.caption(frames[None], seed=5)
+    # Greedy captions: a folder whose pipeline.json sets caption_temperature 0 captions as temperature=0 does.
+    greedy_folder = tmp_path / "greedy"
+    shutil.copytree(uni, greedy_folder)
+    meta = json.loads((greedy_folder / "pipeline.json").read_text())
+    meta["defaults"]["caption_temperature"] = 0.0
+    (greedy_folder / "pipeline.json").write_text(json.dumps(meta))
+    greedy = uvigu_pipeline.load(greedy_folder)
+    assert greedy.caption(frames[None], seed=5) == pipe.caption(frames[None], seed=5, temperature=0)
+    assert greedy.caption(frames[None], seed=5) != pipe.caption(frames[None], seed=5)  # the random model's draws
+    with pytest.raises(uvigu_pipeline.PipelineError, match="temperature must be a number >= 0"):
+        pipe.caption(frames[None], temperature=-0.5)
     # A Wan-only folder cannot caption: exit 2, a clear message.
     assert caption.main(["--model", str(wan), "--video", str(clip)]) == 2
     assert "captioning needs a Uni-ViGU model" in capsys.readouterr().err

@@ -276,6 +276,41 @@ def test_v2t_discrete_is_random_but_deterministic_given_key():
     assert (np.asarray(a) != np.asarray(c)).mean() > 0.5
 
 
+def test_token_draw_temperature():
+    """Draws follow softmax(logits / T): the inverse-CDF draw on an even grid of uniforms gives each token its
+    probability to within the grid step; T = 0 is the argmax whatever the uniforms; T < 0 is refused."""
+    logits = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4]))
+    grid = (jnp.arange(4000, dtype=jnp.float32) + 0.5) / 4000
+    for temperature in (1.0, 0.5, 2.0):
+        draws = np.asarray(flow.draw_tokens(grid[None], jnp.broadcast_to(logits, (1, 4000, 4)), temperature))
+        want = np.asarray(jax.nn.softmax(logits / temperature))
+        np.testing.assert_allclose(np.bincount(draws[0], minlength=4) / 4000, want, atol=1e-3)
+    np.testing.assert_array_equal(flow.draw_tokens(grid[None], jnp.broadcast_to(logits, (1, 4000, 4)), 0.0), 3)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        flow.draw_tokens(grid[None], jnp.broadcast_to(logits, (1, 4000, 4)), -1.0)
+
+
+def test_v2t_and_joint_at_temperature_zero_take_the_most_likely_tokens():
+    """A model whose posterior is the same mild preference at every step: greedy captions are that preference at
+    every position for every key; at temperature 1 they are draws, so other tokens appear."""
+    vocab = 8
+    target = _ids(*IDS_SHAPE, vocab=vocab, seed=4)
+
+    def mild_fn(video, text, tau_v, tau_t, context, text_mask):
+        return jnp.zeros_like(video), 1.0 * jax.nn.one_hot(target, vocab)  # p(target) = e / (e + 7) ≈ 0.28
+
+    video, text_flow = jnp.zeros(VIDEO_SHAPE), flow.DiscreteTextFlow(vocab)
+    for key in (KEY, jax.random.key(5)):
+        greedy = sampling.sample_v2t(mild_fn, key, video, text_flow, IDS_SHAPE[1], CONTEXT, num_steps=4,
+                                     text_temperature=0.0)
+        np.testing.assert_array_equal(greedy, target)
+        _, joint = sampling.sample_joint(mild_fn, key, VIDEO_SHAPE, text_flow, IDS_SHAPE[1], CONTEXT, num_steps=4,
+                                         text_temperature=0.0)
+        np.testing.assert_array_equal(joint, target)
+    drawn = sampling.sample_v2t(mild_fn, KEY, video, text_flow, IDS_SHAPE[1], CONTEXT, num_steps=4)
+    assert (np.asarray(drawn) != np.asarray(target)).any()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Embedding text: V2T and joint.
 # ----------------------------------------------------------------------------------------------------------------------

@@ -54,9 +54,11 @@ def generate(c, model, batch: dict[str, jax.Array], key) -> dict[str, Any]:
         return out
     text_len = prompt_ids.shape[1]
     # V2T captions from the video alone: the null context, never the prompt (which would let it copy).
-    out["v2t"] = uvigu_pipeline.v2t_ids(model, k_v2t, video, null, sigmas, text_len, solver=s.solver)
+    out["v2t"] = uvigu_pipeline.v2t_ids(model, k_v2t, video, null, sigmas, text_len, solver=s.solver,
+                                        temperature=s.text_temperature)
     out["joint_video"], out["joint_text"] = uvigu_pipeline.joint_sample(
-        model, k_joint, video.shape, sigmas, context, null, s.guidance_scale, text_len, solver=s.solver)
+        model, k_joint, video.shape, sigmas, context, null, s.guidance_scale, text_len, solver=s.solver,
+        temperature=s.text_temperature)
     return out
 
 

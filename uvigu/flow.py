@@ -230,6 +230,7 @@ def mixture_euler_step(
     tau: Float[Array, ""] | Float[Array, "B"],
     tau_next: Float[Array, ""] | Float[Array, "B"],
     power: float = 1.0,
+    temperature: float = 1.0,
 ) -> Int[Array, "B S"]:
     """One step of the mixture-path discrete flow from τ to τ_next (κ(τ) = τ^power).
 
@@ -237,13 +238,27 @@ def mixture_euler_step(
     (κ(τ_next) − κ(τ)) / (1 − κ(τ)): the chance that a token still showing source at τ shows data at τ_next under
     the mixture path, so the step is exact in discrete time when the model's posterior is. At τ_next = 1 that
     probability is exactly 1 and every token takes its sample (the final step returns the sample).
+
+    `temperature` (a Python float) draws x1 from softmax(logits / temperature) instead; 0 takes the most likely
+    token (greedy decoding). 1 is the flow's own law.
     """
     u_x1, u_jump = jax.random.uniform(key, (2,) + ids.shape, jnp.float32)  # one draw for both decisions
-    x1 = _sample_categorical(u_x1, logits)
+    x1 = draw_tokens(u_x1, logits, temperature)
     kappa, kappa_next = polynomial_kappa(tau, power), polynomial_kappa(tau_next, power)
     p_jump = (kappa_next - kappa) / (1.0 - kappa)
     p_jump = jnp.reshape(p_jump, jnp.shape(p_jump) + (1,) * (ids.ndim - jnp.ndim(p_jump)))
     return jnp.where(u_jump < p_jump, x1, ids.astype(jnp.int32))
+
+
+def draw_tokens(uniform: Float[Array, "B S"], logits: Float[Array, "B S V"], temperature: float = 1.0
+                ) -> Int[Array, "B S"]:
+    """One token per position from softmax(logits / temperature), by `_sample_categorical` on `uniform`;
+    temperature 0 (a Python float, as every temperature here) takes the argmax instead."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return _sample_categorical(uniform, logits if temperature == 1 else logits.astype(jnp.float32) / temperature)
 
 
 def _sample_categorical(uniform: Float[Array, "B S"], logits: Float[Array, "B S V"]) -> Int[Array, "B S"]:
@@ -284,8 +299,9 @@ class TextFlow(Protocol):
     def token_loss(self, prediction: Array, target: Array) -> Float[Array, "B S"]:
         """Per-token loss of the model's text output against `corrupt`'s target."""
 
-    def step(self, key: PRNGKeyArray, state: Array, output: Array, tau, tau_next) -> Array:
-        """One solver step of a non-Gaussian state from τ to τ_next given the model's output."""
+    def step(self, key: PRNGKeyArray, state: Array, output: Array, tau, tau_next, temperature: float = 1.0) -> Array:
+        """One solver step of a non-Gaussian state from τ to τ_next given the model's output (`temperature`: of the
+        draw from the model's posterior; 0 = its most likely value)."""
 
     def decode(self, state: Array) -> Int[Array, "B S"]:
         """Token ids of a final (τ = 1) state."""
@@ -320,7 +336,7 @@ class EmbeddingTextFlow:
     def token_loss(self, prediction, target):
         return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
 
-    def step(self, key, state, output, tau, tau_next):
+    def step(self, key, state, output, tau, tau_next, temperature=1.0):
         raise TypeError("the embedding text flow is integrated by the Gaussian solver, not stepped")
 
     def decode(self, state):
@@ -361,8 +377,8 @@ class DiscreteTextFlow:
     def token_loss(self, prediction, target):
         return token_cross_entropy(prediction, target)
 
-    def step(self, key, state, output, tau, tau_next):
-        return mixture_euler_step(key, state, output, tau, tau_next, self.scheduler_power)
+    def step(self, key, state, output, tau, tau_next, temperature=1.0):
+        return mixture_euler_step(key, state, output, tau, tau_next, self.scheduler_power, temperature)
 
     def auxiliary_loss(self, text_in, prediction, tau, ids, text_mask):
         return None

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("t2v", "joint"), default="t2v",
                    help="t2v: video only; joint: video and caption together (Uni-ViGU folders), the caption written "
                         "next to the video as OUT with suffix .txt and printed.")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="--mode joint: of the caption's token draws, 0 = greedy (default: the folder's "
+                        "caption_temperature).")
     p.add_argument("--batch", type=int, default=1, help="Prompts per pipeline call with --prompts (default 1).")
     p.add_argument("--lora", default=None,
                    help="A LoRA .safetensors file (diffusers/PEFT, original or musubi-tuner layout; or a folder "
@@ -293,6 +296,9 @@ def validate(args) -> tuple[Path, list[str], list[Path], dict[str, int] | None]:
         raise CliError(f"--batch must be >= 1, got {args.batch}")
     if args.mode == "joint" and args.negative_prompt:
         raise CliError("--negative_prompt applies to --mode t2v only")
+    if args.temperature is not None and (args.mode != "joint" or not args.temperature >= 0):
+        raise CliError(f"--temperature takes a number >= 0 and applies to --mode joint only, got {args.temperature} "
+                       f"with --mode {args.mode}")
     if args.lora is None and args.lora_scale is not None:
         raise CliError("--lora_scale needs --lora")
     mesh_shape = parse_mesh(args.mesh)
@@ -337,7 +343,7 @@ def _generate(args) -> int:
                 videos = pipe.t2v(chunk, negative_prompt=args.negative_prompt, progress=bar, **call)
                 captions = None
             else:
-                videos, captions = pipe.joint(chunk, progress=bar, **call)
+                videos, captions = pipe.joint(chunk, temperature=args.temperature, progress=bar, **call)
         if len(videos) != len(chunk):
             raise RuntimeError(f"the pipeline returned {len(videos)} videos for {len(chunk)} prompts")
         for i, path in enumerate(chunk_outs):

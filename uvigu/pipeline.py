@@ -88,6 +88,7 @@ class SamplingDefaults:
     fps: int = 16
     negative_prompt: str = ""
     caption_steps: int = 50  # V2T steps (the text flow's own grid)
+    caption_temperature: float = 1.0  # of the discrete text flow's token draws (captions, joint); 0: greedy
 
 
 _CONVENTION_VALUES = {
@@ -292,11 +293,13 @@ class Pipeline:
             z = run(self.model, noise, s["sigmas"], context, null, jnp.float32(s["guidance"]), text, text_mask)
         return self._frames(z)
 
-    def caption(self, video, *, num_inference_steps: int | None = None, seed: int = 0,
-                progress: Progress | None = None) -> list[str]:
+    def caption(self, video, *, num_inference_steps: int | None = None, temperature: float | None = None,
+                seed: int = 0, progress: Progress | None = None) -> list[str]:
         """Video -> captions. `video`: a path (decoded at the folder's fps, size and frame count) or frames
-        [B, F, H, W, 3] (uint8, or float in [0, 1]) at a size the VAE takes."""
+        [B, F, H, W, 3] (uint8, or float in [0, 1]) at a size the VAE takes. `temperature`: of the discrete text
+        flow's token draws (0: the most likely token at every step; default: the folder's `caption_temperature`)."""
         model = self._need_unified("captioning")
+        temperature = self._temperature(temperature)
         frames = self._read_frames(video)
         steps = num_inference_steps or self.defaults.caption_steps
         self.check_video_size(frames.shape[1], frames.shape[2], frames.shape[3])
@@ -312,8 +315,8 @@ class Pipeline:
         else:
             sigmas = sampling.schedule(self.defaults.solver, steps, self.defaults.shift)
         rounding = c.text_time_rounding == "integer"
-        run = self._jit(("v2t", self.defaults.solver, text_len, rounding), _v2t, self.defaults.solver, text_len,
-                        rounding)
+        run = self._jit(("v2t", self.defaults.solver, text_len, rounding, temperature), _v2t, self.defaults.solver,
+                        text_len, rounding, temperature)
         with self._reporting(progress, steps):
             ids = run(model, key_text, latents, context, sigmas)
         return self.tokenizer.decode(np.asarray(ids))
@@ -321,24 +324,35 @@ class Pipeline:
     def joint(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
               num_frames: int | None = None, num_inference_steps: int | None = None,
               guidance_scale: float | None = None, shift: float | None = None, solver: str | None = None,
-              seed: int = 0, progress: Progress | None = None) -> tuple[np.ndarray, list[str]]:
-        """Video and caption generated together from the prompt: (frames [B, F, H, W, 3] in [0, 1], captions)."""
+              temperature: float | None = None, seed: int = 0,
+              progress: Progress | None = None) -> tuple[np.ndarray, list[str]]:
+        """Video and caption generated together from the prompt: (frames [B, F, H, W, 3] in [0, 1], captions).
+        `temperature`: as in `caption`."""
         model = self._need_unified("joint generation")
+        temperature = self._temperature(temperature)
         prompts, s = self._generation_settings(prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                                                shift, solver)
         context = self.encode_prompt(prompts)
         null = self.encode_prompt([self.defaults.negative_prompt] * len(prompts)) if s["guidance"] > 1.0 else None
         text_len = model.config.max_text_len
         if self.conventions.joint_text_update == "released":
-            run = self._jit(("joint-released", null is None, text_len), _joint_released, text_len)
+            run = self._jit(("joint-released", null is None, text_len, temperature), _joint_released, text_len,
+                            temperature)
         else:
-            run = self._jit(("joint", s["solver"], null is None, text_len), _joint, s["solver"], text_len)
+            run = self._jit(("joint", s["solver"], null is None, text_len, temperature), _joint, s["solver"],
+                            text_len, temperature)
         with self._reporting(progress, s["steps"]):
             z, ids = run(model, jax.random.key(seed), self._initial_latents(None, s["latent_shape"], seed), s["sigmas"],
                          context, null, jnp.float32(s["guidance"]))
         return self._frames(z), self.tokenizer.decode(np.asarray(ids))
 
     # -- pieces ------------------------------------------------------------------------------------------------------
+
+    def _temperature(self, temperature: float | None) -> float:
+        t = self.defaults.caption_temperature if temperature is None else temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
+            raise PipelineError(f"temperature must be a number >= 0, got {t!r}")
+        return float(t)
 
     def _initial_latents(self, latents, shape, seed: int) -> jax.Array:
         if latents is None:
@@ -506,46 +520,49 @@ def _integer_text_time(velocity: sampling.VelocityFn) -> sampling.VelocityFn:
 
 
 def v2t_ids(model: UniViGU, key, latents, context, sigmas, text_len: int, *, solver: str, report: bool = False,
-            integer_text_time: bool = False):
-    """Caption ids [B, text_len] of clean video latents (every text position visible, as trained)."""
+            integer_text_time: bool = False, temperature: float = 1.0):
+    """Caption ids [B, text_len] of clean video latents (every text position visible, as trained); `temperature`:
+    of the discrete text flow's token draws (0: greedy)."""
     velocity = model.as_velocity_fn()
     if integer_text_time:
         velocity = _integer_text_time(velocity)
     return sampling.sample_v2t(_counting(velocity, report), key, latents, model.text_flow, text_len,
-                               context, solver=solver, sigmas=sigmas,
+                               context, solver=solver, sigmas=sigmas, text_temperature=temperature,
                                text_mask=jnp.ones((latents.shape[0], text_len), bool))
 
 
 def joint_sample(model: UniViGU, key, video_shape, sigmas, context, null_context, guidance_scale, text_len: int, *,
-                 solver: str, noise=None, report: bool = False):
+                 solver: str, noise=None, report: bool = False, temperature: float = 1.0):
     """(video latents, caption ids), integrated together on one τ grid."""
     return sampling.sample_joint(_counting(model.as_velocity_fn(), report), key, video_shape, model.text_flow,
                                  text_len, context, null_context, guidance_scale, solver=solver, sigmas=sigmas,
-                                 noise=noise, text_mask=jnp.ones((video_shape[0], text_len), bool))
+                                 noise=noise, text_mask=jnp.ones((video_shape[0], text_len), bool),
+                                 text_temperature=temperature)
 
 
 def _t2v(solver, model, noise, sigmas, context, null, guidance, text, text_mask):
     return t2v_latents(model, noise, sigmas, context, null, guidance, text, text_mask, solver=solver, report=True)
 
 
-def _v2t(solver, text_len, integer_text_time, model, key, latents, context, sigmas):
+def _v2t(solver, text_len, integer_text_time, temperature, model, key, latents, context, sigmas):
     return v2t_ids(model, key, latents, context, sigmas, text_len, solver=solver, report=True,
-                   integer_text_time=integer_text_time)
+                   integer_text_time=integer_text_time, temperature=temperature)
 
 
-def _joint(solver, text_len, model, key, noise, sigmas, context, null, guidance):
+def _joint(solver, text_len, temperature, model, key, noise, sigmas, context, null, guidance):
     return joint_sample(model, key, noise.shape, sigmas, context, null, guidance, text_len, solver=solver, noise=noise,
-                        report=True)
+                        report=True, temperature=temperature)
 
 
 def joint_sample_released(model: UniViGU, key, noise, sigmas, context, null_context, guidance_scale, text_len: int, *,
-                          report: bool = False):
+                          report: bool = False, temperature: float = 1.0):
     """The released joint (T2VT) loop: (video latents, caption ids).
 
     Text starts from the flow's source; at each step i of N one (CFG'd on video) model call at τ_v = τ_t = 1 − σ_i;
     the video takes an Euler step to σ_{i+1}; every token is replaced by a draw from softmax(logits) with probability
     i/(N − 1) (1 when N = 1). Then one more call at τ_v = τ_t = 1 with the conditional context only, and its argmax is
-    the caption. (The release's own text solver is not the mixture path's; this is its update, as written.)"""
+    the caption. (The release's own text solver is not the mixture path's; this is its update, as written.)
+    `temperature` tempers the draws (1: the release's)."""
     velocity = _counting(model.as_velocity_fn(), report)
     batch, n = noise.shape[0], sigmas.shape[0] - 1
     key_text, key_loop = jax.random.split(key)
@@ -561,7 +578,7 @@ def joint_sample_released(model: UniViGU, key, noise, sigmas, context, null_cont
                                                  mask)
         z = z + (sigma - sigma_next).astype(z.dtype) * v  # Euler in σ on the paper velocity dz/dτ = −dz/dσ
         k_sample, k_keep = jax.random.split(k)
-        sampled = flow._sample_categorical(jax.random.uniform(k_sample, ids.shape), logits)
+        sampled = flow.draw_tokens(jax.random.uniform(k_sample, ids.shape), logits, temperature)
         ids = jnp.where(jax.random.uniform(k_keep, ids.shape) < keep_p, sampled, ids)
         return (z, ids), None
 
@@ -571,5 +588,6 @@ def joint_sample_released(model: UniViGU, key, noise, sigmas, context, null_cont
     return z, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def _joint_released(text_len, model, key, noise, sigmas, context, null, guidance):
-    return joint_sample_released(model, key, noise, sigmas, context, null, guidance, text_len, report=True)
+def _joint_released(text_len, temperature, model, key, noise, sigmas, context, null, guidance):
+    return joint_sample_released(model, key, noise, sigmas, context, null, guidance, text_len, report=True,
+                                 temperature=temperature)

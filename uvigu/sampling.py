@@ -181,11 +181,13 @@ def _combine(weights: tuple, trees: tuple) -> Any:
 
 
 class _SteppedText(NamedTuple):
-    """Non-Gaussian (discrete) text carried through the loop: its state, the loop's key, and the flow that steps it."""
+    """Non-Gaussian (discrete) text carried through the loop: its state, the loop's key, the flow that steps it and
+    the temperature of its draws."""
 
     ids: Int[Array, "B S"]
     key: PRNGKeyArray
     flow: TextFlow
+    temperature: float = 1.0
 
 
 def _solve(
@@ -220,7 +222,7 @@ def _solve(
         x_corr = _combine((w.c_self, w.c_prev, w.c_m1, w.c_m2, w.c_now), (x, x_prev, m_prev, m_prev2, m))
         x_next = _combine((w.p_x, w.p_m0, w.p_m1), (x_corr, m, m_prev))
         if ids is not None:
-            ids = text.flow.step(key, ids, logits, tau, tau_next)
+            ids = text.flow.step(key, ids, logits, tau, tau_next, text.temperature)
         return (x_next, x_corr, m, m_prev, ids), None
 
     zeros = jax.tree.map(jnp.zeros_like, x)
@@ -328,10 +330,12 @@ def sample_v2t(
     solver: Solver = "unipc",
     text_mask: Float[Array, "B S"] | None = None,
     sigmas: Float[Array, "N+1"] | None = None,
+    text_temperature: float = 1.0,
 ) -> Int[Array, "B S"]:
     """Video -> text: the video is held clean (τ_v = 1) and `text_len` tokens are generated from the flow's source,
     on τ = 1 − `wan_shifted_sigmas(num_steps, shift)`. Gaussian text is integrated with `solver`; discrete text moves
-    by the flow's step (`solver` unused). Returns ids [B, S] (padding positions included)."""
+    by the flow's step (`solver` unused), drawing from the model's posterior at `text_temperature` (0: greedy; the
+    Gaussian flows have no draw to temper). Returns ids [B, S] (padding positions included)."""
     batch = video.shape[0]
     key_text, key_loop = jax.random.split(key)
     clean = jnp.ones((batch,), jnp.float32)
@@ -346,7 +350,7 @@ def sample_v2t(
     if text_flow.gaussian:
         text, _ = _solve(evaluate, start, sigmas, solver)
         return text_flow.decode(text)
-    _, ids = _solve(evaluate, None, sigmas, "euler", _SteppedText(start, key_loop, text_flow))
+    _, ids = _solve(evaluate, None, sigmas, "euler", _SteppedText(start, key_loop, text_flow, text_temperature))
     return text_flow.decode(ids)
 
 
@@ -366,11 +370,13 @@ def sample_joint(
     text_mask: Float[Array, "B S"] | None = None,
     sigmas: Float[Array, "N+1"] | None = None,
     noise: Float[Array, "B T H W C"] | None = None,
+    text_temperature: float = 1.0,
 ) -> tuple[Float[Array, "B T H W C"], Int[Array, "B S"]]:
     """Joint generation: video and text both start from their sources and move together on ONE τ grid
     (τ_v = τ_t at every call), one model call per step. The video always uses `solver`; Gaussian text joins the
-    same state (so the same solver), discrete text takes its flow's step on the same grid. CFG, when a null context
-    is given, applies to the video velocity only. Returns (video latents, text ids)."""
+    same state (so the same solver), discrete text takes its flow's step on the same grid (at `text_temperature`,
+    as in `sample_v2t`). CFG, when a null context is given, applies to the video velocity only. Returns (video
+    latents, text ids)."""
     batch = video_shape[0]
     key_video, key_text, key_loop = jax.random.split(key, 3)
     video_noise = jax.random.normal(key_video, video_shape, jnp.float32) if noise is None else noise
@@ -388,5 +394,5 @@ def sample_joint(
                                   solver)
         return video, text_flow.decode(text)
     video, ids = _solve(lambda video, ids, tau: call(video, ids, tau), video_noise, sigmas, solver,
-                        _SteppedText(start, key_loop, text_flow))
+                        _SteppedText(start, key_loop, text_flow, text_temperature))
     return video, text_flow.decode(ids)
