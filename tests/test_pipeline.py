@@ -210,6 +210,11 @@ def test_caption_and_joint_on_a_univigu_folder(folders, tmp_path, capsys):
     assert greedy.caption(frames[None], seed=5) != pipe.caption(frames[None], seed=5)  # the random model's draws
     with pytest.raises(uvigu_pipeline.PipelineError, match="temperature must be a number >= 0"):
         pipe.caption(frames[None], temperature=-0.5)
+    meta["defaults"]["caption_temperature"] = "cold"
+    (greedy_folder / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(uvigu_pipeline.PipelineError, match=r"pipeline.json: defaults.caption_temperature must be a "
+                                                           r"number >= 0, got 'cold'"):
+        uvigu_pipeline.load(greedy_folder)
     # A Wan-only folder cannot caption: exit 2, a clear message.
     assert caption.main(["--model", str(wan), "--video", str(clip)]) == 2
     assert "captioning needs a Uni-ViGU model" in capsys.readouterr().err

@@ -137,6 +137,12 @@ class Conventions:
         return {k: v for k, v in dataclasses.asdict(self).items() if v != _CONVENTION_VALUES[k][0]}
 
 
+def _check_temperature(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise PipelineError(f"{what} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def released_sigmas(num_steps: int, shift: float) -> jax.Array:
     """The released Uni-ViGU grid: σ = shift(linspace(1, 0, N + 1)[:-1]), then a terminal 0 (float64 on the host)."""
     base = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
@@ -177,6 +183,7 @@ def load(path: str | Path, *, dtype=None, mesh: Mesh | None = None) -> "Pipeline
     fields = {f.name for f in dataclasses.fields(SamplingDefaults)}
     merged = {**{k: v for k, v in defaults.items() if k in fields}, "shift": float(scheduler["shift"]),
               "solver": scheduler["solver"]}
+    _check_temperature(merged.get("caption_temperature", 1.0), f"{meta_path}: defaults.caption_temperature")
     return Pipeline(model, vae, encoder, tokenizer, SamplingDefaults(**merged), source=root, mesh=mesh,
                     conventions=conventions)
 
@@ -349,10 +356,9 @@ class Pipeline:
     # -- pieces ------------------------------------------------------------------------------------------------------
 
     def _temperature(self, temperature: float | None) -> float:
-        t = self.defaults.caption_temperature if temperature is None else temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
-            raise PipelineError(f"temperature must be a number >= 0, got {t!r}")
-        return float(t)
+        if temperature is None:
+            return float(self.defaults.caption_temperature)
+        return _check_temperature(temperature, "temperature")
 
     def _initial_latents(self, latents, shape, seed: int) -> jax.Array:
         if latents is None:
