@@ -22,8 +22,8 @@ def get_config(arg=None):
         run_config.use_toy_world(c)
         c.flow.tau_sampling = "logit_normal"  # lower loss than uniform at equal steps (0.217 vs 0.274 at 2000)
         c.flow.cond_dropout = 0.1
-        # Shape and motion of its T2V stay at chance at 2000 and 6000 steps alike (issue-11 note). Stages 1-2 need a
-        # denoiser that reads motion and lane: held-out V2T shape after stage 2 was 0.97 from a 2000-step generator,
-        # 0.90-0.92 from a 1200-step one (same stage-2 length).
+        # The demo's CPU budget. Its T2V shape and motion stay at chance at 2000 and 6000 steps; they rise from about
+        # 15000 (held-out 0.67 / 0.44 at 30000; README). Stages 1-2 need a denoiser that reads motion and lane:
+        # held-out V2T shape after stage 2 was 0.97 from a 2000-step generator, 0.90-0.92 from a 1200-step one.
         c.total_steps = 2000
     return c
