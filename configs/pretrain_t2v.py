@@ -24,8 +24,9 @@ def get_config(arg=None):
         # different τ, so that is no comparison; held-out T2V was at chance under both, issue-11 notes.)
         c.flow.tau_sampling = "logit_normal"
         c.flow.cond_dropout = 0.1
-        # The demo's CPU budget. Its T2V shape and motion stay at chance at 2000 and 6000 steps; they rise from about
-        # 15000 (held-out 0.67 / 0.44 at 30000; README). Stages 1-2 need a denoiser that reads motion and lane:
-        # held-out V2T shape after stage 2 was 0.97 from a 2000-step generator, 0.90-0.92 from a 1200-step one.
+        # The demo's CPU budget. Its T2V shape and motion stay at chance at 2000 and 6000 steps and rise from about
+        # 15000: held-out 0.76 / 0.47 at 60000, motion stalled near 0.47 from 37500 (README). Stages 1-2 need a
+        # denoiser that reads motion and lane: held-out V2T shape after stage 2 was 0.97 from a 2000-step generator,
+        # 0.90-0.92 from a 1200-step one.
         c.total_steps = 2000
     return c
