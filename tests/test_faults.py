@@ -237,17 +237,19 @@ def test_sigterm_during_setup_or_evaluation_stops_within_30_s(world, tmp_path, w
     """SIGTERM while the run sets up (data, model, the first compile) or while it evaluates: exit 0 within 30 s, what
     was trained saved, nothing half-written (no eval JSON from an interrupted evaluation)."""
     wd = tmp_path / "run"
-    # A long evaluation at the end (2 x 64 clips, 10 sampling steps each): it starts after the export is written.
-    flags = dict(total_steps=2, eval_examples=64, eval_batch_size=4, sample__num_steps=10)
+    # A long evaluation at the end (2 x 64 clips, 200 sampling steps each: many seconds even on a fast machine, where
+    # 10 steps once finished before the signal came). It starts after the export is written.
+    flags = dict(total_steps=2, eval_examples=64, eval_batch_size=4, sample__num_steps=200)
     log = tmp_path / "log.txt"
     with open(log, "w") as err:
         proc = subprocess.Popen(main_cmd(wd, world, **flags), cwd=REPO, env=subprocess_env(),
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
-        marker = wd / ("run_config.json" if when == "setup" else "export/dit/config.json")
-        _wait_for(marker.exists, proc, 240, str(marker))
-        if when == "evaluation":
-            time.sleep(1.0)  # into the evaluation's first batches
+        if when == "setup":
+            marker = wd / "run_config.json"
+            _wait_for(marker.exists, proc, 240, str(marker))
+        else:
+            _wait_for(lambda: "evaluation at step 2:" in log.read_text(), proc, 240, "the evaluation's start")
         proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         code = proc.wait(timeout=120)

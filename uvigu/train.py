@@ -540,6 +540,7 @@ def run_evaluation(c, model, data, writer, step: int, workdir: Path, mesh=None, 
     `mesh`'s batch axes, on every process), writes `eval/step_N.json`, scalars, and samples."""
     from uvigu import evaluate
 
+    logging.info("evaluation at step %d: up to %d examples per split", step, c.eval_examples)
     if data.codec is None:  # real latent shards: samples (MP4 + captions), no scorer
         release = release_folder(c) or Path((data.manifest or {}).get("model", {}).get("path", ""))
         report = evaluate.sample_real_data(c, model, data, release=release, workdir=workdir, step=step,
