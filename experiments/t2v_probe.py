@@ -1,4 +1,4 @@
-"""Why the toy generator's T2V misses shape and motion: two probes of a `pretrain_t2v` export on the toy world.
+"""Why the toy generator's T2V misses shape and motion: five probes of a `pretrain_t2v` export on the toy world.
 
     python -m experiments.t2v_probe --probe_export runs/demo/pretrain_t2v/export/dit --probe_world runs/demo/toy_world
 
@@ -16,6 +16,14 @@
    validation clips the model's x0 error is set against it at each σ: the gap is what training has not learnt yet.
 4. Hand-over sampling. Euler from pure noise with the Bayes denoiser above σ_cut and the model below it: which noise
    range loses which attribute. σ_cut = 1 is the model alone.
+5. The arrow of time. A clip that moves left, played backwards, is a clip that moves right, and a Wan DiT knows a
+   frame's place only relative to the others (3D RoPE, no absolute position). So: does the model use the direction
+   word where the noisy clip cannot yet show it? The model's x0 is projected on the line from B_r, the Bayes x0 under
+   the same prompt with the direction reversed, to B_c, the Bayes x0 under the clip's own prompt:
+   t = <x0 − (B_c + B_r)/2, B_c − B_r> / |B_c − B_r|², +0.5 at B_c, −0.5 at B_r. Next to it, the t of a denoiser that
+   ignores the direction word (Bayes over both directions' scenes): what the noisy clip alone tells. At σ = 1, the
+   time-odd part of the model's x0 averaged over noise draws (x0(t) − x0(T − 1 − t), which only knowing the
+   direction and where in time a frame lies can produce) is compared with the prompt's mean clip's, by cosine.
 
 All print a table; `--probe_json` also writes the numbers. (Flag names are prefixed: absl flags are global, and
 the tests import every experiment into one process.)
@@ -45,6 +53,8 @@ _STEPS = flags.DEFINE_integer("probe_steps", 30, "Euler steps from σ0 to 0.")
 _GUIDANCE = flags.DEFINE_float("probe_guidance", 3.0, "CFG scale of the denoising probe.")
 _CUTS = flags.DEFINE_list("probe_cuts", ["1.0", "0.9", "0.8", "0.6", "0.4"],
                           "σ_cut of the hand-over probe: the Bayes denoiser above it, the model below.")
+_DIRECTION_SIGMAS = flags.DEFINE_list("probe_direction_sigmas", ["0.98", "0.95", "0.9", "0.85", "0.8", "0.7", "0.6"],
+                                      "Noise levels of the arrow-of-time probe.")
 _JSON = flags.DEFINE_string("probe_json", None, "Also write the numbers here.")
 
 # Wan convention throughout: x_σ = (1 − σ)·x0 + σ·noise; the DiT predicts (noise − x0) at timestep σ·1000.
@@ -124,6 +134,29 @@ def bayes_x0(candidates: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
     return (jax.nn.softmax(logits) @ flat).reshape(x.shape)
 
 
+def reversed_direction(triple: tuple[str, str, str]) -> tuple[str, str, str]:
+    """(shape, colour, motion) with the motion played backwards: left <-> right, up <-> down."""
+    shape, colour, motion = triple
+    return shape, colour, {"left": "right", "right": "left", "up": "down", "down": "up"}[motion]
+
+
+def direction_projection(x0: jax.Array, toward: jax.Array, away: jax.Array) -> np.ndarray:
+    """Per clip (leading axis), where `x0` lies on the line from `away` (−0.5) to `toward` (+0.5):
+    <x0 − (toward + away)/2, toward − away> / |toward − away|²."""
+    flat = lambda v: v.reshape(v.shape[0], -1)
+    d = flat(toward - away)
+    middle = flat(toward + away) / 2.0
+    return np.asarray(jnp.sum((flat(x0) - middle) * d, 1) / jnp.maximum(jnp.sum(d * d, 1), 1e-12))
+
+
+def time_odd_cosine(a: jax.Array, b: jax.Array) -> np.ndarray:
+    """Per clip [B, T, ...]: the cosine between the time-odd parts (v − v played backwards) of `a` and `b`."""
+    odd = lambda v: (v - v[:, ::-1]).reshape(v.shape[0], -1)
+    oa, ob = odd(a), odd(b)
+    return np.asarray(jnp.sum(oa * ob, 1) / jnp.maximum(jnp.linalg.norm(oa, axis=1) * jnp.linalg.norm(ob, axis=1),
+                                                        1e-12))
+
+
 def handover_sample(model_x0: Callable, oracle_x0: Callable, noise: np.ndarray, cut: float, steps: int) -> np.ndarray:
     """Euler from pure noise (σ = 1) to 0 on a uniform grid; x0 from `oracle_x0(x, σ)` while σ > cut, from
     `model_x0(x, σ)` after. (The Wan velocity is (x − x0) / σ.)"""
@@ -134,7 +167,7 @@ def handover_sample(model_x0: Callable, oracle_x0: Callable, noise: np.ndarray, 
 
 
 def run(export: str, world: str, *, sigmas, start_sigmas, examples: int, steps: int, guidance: float,
-        cuts=()) -> dict:
+        cuts=(), direction_sigmas=()) -> dict:
     from uvigu import checkpoint, run_config, run_data
     from uvigu.eval import toy_metrics
 
@@ -164,23 +197,26 @@ def run(export: str, world: str, *, sigmas, start_sigmas, examples: int, steps: 
         report["denoise"][float(sigma0)] = toy_metrics.video_accuracy(
             videos, truth, attributes=("shape", "colour", "motion", "size", "speed", "position"))
     if cuts:
-        report.update(_bayes_probes(dit, data.codec, held, sigmas, cuts, steps))
+        report.update(_bayes_probes(dit, data.codec, held, sigmas, cuts, steps, direction_sigmas))
     return report
 
 
-def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int) -> dict:
-    """Probes 3 and 4 on the clips `held` (records of the default world)."""
+def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int, direction_sigmas=()) -> dict:
+    """Probes 3, 4 and 5 on the clips `held` (records of the default world)."""
     from uvigu.data import world as world_lib
     from uvigu.eval import toy_metrics
 
     spec = world_lib.WorldSpec()  # the scene geometry; a config's toy world changes only its seed and split sizes
     candidates = {}
-    for r in held:
-        triple = tuple(r["attributes"][a] for a in PROMPT_ATTRIBUTES)
+
+    def scenes_of(triple):
         if triple not in candidates:
             videos = np.stack([world_lib.render(spec, s) for s in world_lib.prompt_scenes(spec, *triple)])
             candidates[triple] = jnp.asarray(codec.encode(videos))
-    per_clip = [candidates[tuple(r["attributes"][a] for a in PROMPT_ATTRIBUTES)] for r in held]
+        return candidates[triple]
+
+    triples = [tuple(r["attributes"][a] for a in PROMPT_ATTRIBUTES) for r in held]
+    per_clip = [scenes_of(t) for t in triples]
     oracle = jax.jit(jax.vmap(bayes_x0, in_axes=(0, 0, None)))
     stacked = jnp.stack(per_clip)  # every prompt allows the same number of scenes
     latents = jnp.asarray(np.stack([r["latents"] for r in held]))
@@ -201,7 +237,34 @@ def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int) -> dict:
     for cut in cuts:
         x = handover_sample(model_x0, lambda x, s: oracle(stacked, x, s), np.asarray(noise), float(cut), steps)
         handover[float(cut)] = toy_metrics.video_accuracy(codec.decode(x), truth, attributes=PROMPT_ATTRIBUTES)
-    return {"bayes_gap": gap, "handover": handover}
+    report = {"bayes_gap": gap, "handover": handover}
+    if direction_sigmas:
+        reversed_ = jnp.stack([scenes_of(reversed_direction(t)) for t in triples])
+        report["direction"] = _direction_probe(model_x0, oracle, stacked, reversed_, latents, direction_sigmas)
+    return report
+
+
+def _direction_probe(model_x0, oracle, own, reversed_, latents, sigmas, draws: int = 4) -> dict:
+    """Probe 5: per σ, the median t of the model and of the direction-blind Bayes denoiser, and the fraction of
+    clips the model puts on the prompt's side (t > 0), over `draws` noise draws; at σ = 1, the time-odd cosine."""
+    both = jnp.concatenate([own, reversed_], axis=1)  # the scenes of both directions, equally likely
+    rows = {}
+    for sigma in sigmas:
+        model_t, blind_t = [], []
+        for k in range(draws):
+            noise = jax.random.normal(jax.random.key(20 + k), latents.shape, jnp.float32)
+            x = (1.0 - sigma) * latents + sigma * noise
+            toward, away = oracle(own, x, sigma), oracle(reversed_, x, sigma)
+            model_t.append(direction_projection(model_x0(x, sigma), toward, away))
+            blind_t.append(direction_projection(oracle(both, x, sigma), toward, away))
+        model_t, blind_t = np.concatenate(model_t), np.concatenate(blind_t)
+        rows[float(sigma)] = {"model": float(np.median(model_t)), "model_right": float(np.mean(model_t > 0)),
+                              "blind_bayes": float(np.median(blind_t))}
+    mean_x0 = sum(model_x0(jax.random.normal(jax.random.key(40 + k), latents.shape, jnp.float32), 1.0)
+                  for k in range(4 * draws)) / (4 * draws)
+    cosine = time_odd_cosine(mean_x0, own.mean(axis=1))
+    return {"t": rows, "time_odd_cosine_at_1": {"median": float(np.median(cosine)),
+                                                "positive": float(np.mean(cosine > 0))}}
 
 
 def format_report(report: Mapping) -> str:
@@ -223,6 +286,15 @@ def format_report(report: Mapping) -> str:
         lines.append("  σ_cut  " + "".join(f"{a:>9}" for a in PROMPT_ATTRIBUTES))
         for cut, acc in sorted(report["handover"].items(), reverse=True):
             lines.append(f"  {cut:<5.2f}  " + "".join(f"{acc[a]:>9.2f}" for a in PROMPT_ATTRIBUTES))
+    if "direction" in report:
+        d = report["direction"]
+        lines.append("\nThe direction word: x0 between the Bayes x0 reversed (-0.5) and as told (+0.5), median over clips:")
+        lines.append("  σ      model  model>0  direction-blind Bayes")
+        lines += [f"  {s:<5.2f} {r['model']:>+6.3f}  {r['model_right']:>7.2f}  {r['blind_bayes']:>+6.3f}"
+                  for s, r in sorted(d["t"].items(), reverse=True)]
+        cos = d["time_odd_cosine_at_1"]
+        lines.append(f"  σ = 1, time-odd part of the mean x0 against the prompt's mean clip: cosine median "
+                     f"{cos['median']:+.3f}, positive in {cos['positive']:.2f} of clips (1.0 if it knows the arrow)")
     return "\n".join(lines)
 
 
@@ -230,7 +302,8 @@ def main(argv):
     del argv
     report = run(_EXPORT.value, _WORLD_PATH.value, sigmas=[float(s) for s in _SIGMAS.value],
                  start_sigmas=[float(s) for s in _START_SIGMAS.value], examples=_EXAMPLES.value, steps=_STEPS.value,
-                 guidance=_GUIDANCE.value, cuts=[float(c) for c in _CUTS.value])
+                 guidance=_GUIDANCE.value, cuts=[float(c) for c in _CUTS.value],
+                 direction_sigmas=[float(s) for s in _DIRECTION_SIGMAS.value])
     print(format_report(report))
     if _JSON.value:
         Path(_JSON.value).write_text(json.dumps(report, indent=1) + "\n")

@@ -193,7 +193,7 @@ def test_bench_cpu_gemm_mode_times_every_product_layout():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# t2v_probe: the two probes.
+# t2v_probe: the five probes.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -285,3 +285,36 @@ def test_handover_sampling_switches_denoiser_at_the_cut():
     out = t2v_probe.handover_sample(model, oracle, noise, 0.5, 4)  # σ 1, .75 by the oracle; .5, .25 by the model
     assert [who for who, _ in seen] == ["oracle", "oracle", "model", "model"]
     np.testing.assert_allclose(out, 0.5 * clip + 0.5 * noise, atol=1e-5)  # where the oracle left it at σ = 0.5
+
+
+def test_direction_probe_places_x0_between_the_two_directions():
+    rng = np.random.default_rng(5)
+    toward, away = (jnp.asarray(rng.standard_normal((3, 5, 2, 2, 4)).astype(np.float32)) for _ in range(2))
+    np.testing.assert_allclose(t2v_probe.direction_projection(toward, toward, away), 0.5, atol=1e-6)
+    np.testing.assert_allclose(t2v_probe.direction_projection(away, toward, away), -0.5, atol=1e-6)
+    np.testing.assert_allclose(t2v_probe.direction_projection((toward + away) / 2, toward, away), 0.0, atol=1e-6)
+    # Anything orthogonal to the line does not move t; 3/4 of the way to `toward` is +0.25.
+    d = (toward - away).reshape(3, -1)
+    ortho = jnp.asarray(rng.standard_normal(d.shape).astype(np.float32))
+    ortho = ortho - (jnp.sum(ortho * d, 1, keepdims=True) / jnp.sum(d * d, 1, keepdims=True)) * d
+    x0 = 0.75 * toward + 0.25 * away + ortho.reshape(toward.shape)
+    np.testing.assert_allclose(t2v_probe.direction_projection(x0, toward, away), 0.25, atol=1e-5)
+    assert t2v_probe.reversed_direction(("circle", "red", "left")) == ("circle", "red", "right")
+    assert t2v_probe.reversed_direction(("square", "blue", "down")) == ("square", "blue", "up")
+
+
+def test_time_odd_cosine_sees_only_the_arrow_of_time():
+    from uvigu.data import world as world_lib
+
+    spec = world_lib.WorldSpec()
+    scene = world_lib.prompt_scenes(spec, "square", "red", "left")[0]
+    clip = world_lib.render(spec, scene)[None].astype(np.float32)  # [1, F, H, W, 3]: a left mover
+    backwards = clip[:, ::-1]  # played backwards it moves right
+    assert t2v_probe.time_odd_cosine(jnp.asarray(clip), jnp.asarray(clip))[0] == pytest.approx(1.0, abs=1e-6)
+    assert t2v_probe.time_odd_cosine(jnp.asarray(backwards), jnp.asarray(clip))[0] == pytest.approx(-1.0, abs=1e-6)
+    # A time-symmetric prediction (the clip averaged with its reverse: the right lane, no arrow) scores 0, and any
+    # arrow added to it, however faint, decides the sign.
+    symmetric = (clip + backwards) / 2
+    assert t2v_probe.time_odd_cosine(jnp.asarray(symmetric), jnp.asarray(clip))[0] == 0.0
+    faint = t2v_probe.time_odd_cosine(jnp.asarray(symmetric + 1e-3 * backwards), jnp.asarray(clip))[0]
+    assert faint == pytest.approx(-1.0, abs=1e-4)
