@@ -288,7 +288,7 @@ def format_report(report: Mapping) -> str:
             lines.append(f"  {cut:<5.2f}  " + "".join(f"{acc[a]:>9.2f}" for a in PROMPT_ATTRIBUTES))
     if "direction" in report:
         d = report["direction"]
-        lines.append("\nThe direction word: x0 between the Bayes x0 reversed (-0.5) and as told (+0.5), median over clips:")
+        lines.append("\nThe direction word: x0 between the Bayes x0 reversed (-0.5) and as told (+0.5), clip median:")
         lines.append("  σ      model  model>0  direction-blind Bayes")
         lines += [f"  {s:<5.2f} {r['model']:>+6.3f}  {r['model_right']:>7.2f}  {r['blind_bayes']:>+6.3f}"
                   for s, r in sorted(d["t"].items(), reverse=True)]
