@@ -616,6 +616,60 @@ def test_nan_step_raises_and_saved_params_stay_finite(chain, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# 7b. The DiT's learning rate apart from the text side's (optim.video_lr_scale).
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _second_update(c: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """Each param's change in the second AdamW step (the first is the warm-up's lr 0) of `c`'s UniViGU under the
+    same fixed, non-uniform gradients: {dotted path: delta}."""
+    from uvigu.models.univigu import UniViGU
+    from uvigu.models.wan import WanDiT
+
+    model = UniViGU(WanDiT(run_config.wan_config(c), rngs=nnx.Rngs(0)), run_config.univigu_config(c),
+                    rngs=nnx.Rngs(1))
+    optimizer = train.make_optimizer(c, model)
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.unflatten(treedef, [rng.normal(size=np.shape(x)).astype(np.float32) for x in leaves])
+    optimizer.update(model, grads)
+    before = flat_params.state_to_flat_params(model)
+    optimizer.update(model, grads)
+    after = flat_params.state_to_flat_params(model)
+    return {k: np.asarray(after[k]) - np.asarray(before[k]) for k in before}
+
+
+def test_video_lr_scale_slows_only_the_dit(world):
+    # Clipping off, so the two optimizers see the same gradients whatever their norm.
+    base = tiny_config("stage1", world, optim__clip_norm=1e9, optim__weight_decay=0.1)
+    scaled = tiny_config("stage1", world, optim__clip_norm=1e9, optim__weight_decay=0.1, optim__video_lr_scale=0.25)
+    run_config.validate(scaled)
+    plain, slow = _second_update(base), _second_update(scaled)
+    dit = [k for k in plain if k.startswith("dit.")]
+    text = [k for k in plain if not k.startswith("dit.")]
+    assert dit and text and {k.split(".")[0] for k in text} >= {"ffn_t", "text_head", "vocab_embed"}
+    # The whole update (Adam step and weight decay) at a quarter of the rate. The deltas are ~lr = 2e-3 wide; atol is
+    # the float32 rounding of `after - before` on params of order 1.
+    for k in dit:
+        np.testing.assert_allclose(slow[k], 0.25 * plain[k], rtol=1e-4, atol=2e-7, err_msg=k)
+    for k in text:
+        np.testing.assert_allclose(slow[k], plain[k], rtol=1e-4, atol=2e-7, err_msg=k)
+    assert all(np.abs(plain[k]).max() > 0 for k in dit + text)
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("pretrain_t2v", {"optim__video_lr_scale": 0.5}, "needs stage1 / stage2"),
+    ("stage1", {"optim__video_lr_scale": 0.5, "optim__freeze_video": True}, "not LoRA, not freeze_video"),
+    ("stage2", {"optim__video_lr_scale": 0.0}, "video_lr_scale=0.0 is out of range"),
+    ("stage2", {"optim__video_lr_scale": 1.5}, "video_lr_scale=1.5 is out of range"),
+])
+def test_video_lr_scale_bad_values_are_named(world, stage, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_config.validate(tiny_config(stage, world, **overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # 8. Evaluation.
 # ----------------------------------------------------------------------------------------------------------------------
 

@@ -99,6 +99,9 @@ def common(stage: str, variant: str) -> ml_collections.ConfigDict:
         clip_norm=1.0,
         trainable="all",  # all | lora (adapters only, base frozen; see config.lora)
         freeze_video=False,  # train only the text side (FFN_t, text time path, text in/out)
+        # The DiT's own params (the generator's) at lr × this; the new text side at lr. Below 1 keeps more of the
+        # generative prior through stages 1-2 while the text side learns at full rate (1: one rate, as the paper).
+        video_lr_scale=1.0,
     ))
     # LoRA (optim.trainable='lora'): rank, alpha (scale alpha/rank) and target Linears of each block (FFN_t included).
     lora_defaults = LoRAConfig()
@@ -269,6 +272,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         number(key, 0.0, 1.0)
     for key in ("optim.b1", "optim.b2"):
         number(key, 0.0, 1.0)
+    if "video_lr_scale" in c.optim:
+        number("optim.video_lr_scale", 0.0, 1.0, open_low=True)
+        if c.optim.video_lr_scale != 1.0 and (c.stage == "pretrain_t2v" or c.optim.get("trainable") == "lora"
+                                              or c.optim.get("freeze_video")):
+            problems.append(f"config.optim.video_lr_scale={c.optim.video_lr_scale!r} sets the DiT's rate against the "
+                            "text side's: it needs stage1 / stage2 training all params (not LoRA, not freeze_video)")
     for key in ("optim.lr", "optim.clip_norm", "flow.tau_std"):
         number(key, 0.0, open_low=True)
     for key in ("optim.eps", "optim.weight_decay", "flow.rounding_weight", "sample.guidance_scale",

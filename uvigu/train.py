@@ -241,10 +241,23 @@ def make_optimizer(c: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optim
         raise TrainingError(f"config.optim.schedule={o.schedule!r} is not cosine | constant")
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
                      optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    if o.get("video_lr_scale", 1.0) != 1.0:  # (checked by run_config.validate: a UniViGU stage, all params)
+        # The whole AdamW update of a DiT param (weight decay included) is scaled: its rate is lr × scale.
+        tx = optax.chain(tx, optax.masked(optax.scale(o.video_lr_scale), _dit_param_mask))
     # Never applies a non-finite update (optax gives up after max_consecutive_errors): the loop stops the run at the
     # first non-finite step it checks (every log and every save), so NaN never reaches the params.
     tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
     return nnx.Optimizer(model, tx, wrt=trainable_filter(c))
+
+
+def _dit_param_mask(params):
+    """True on the leaves of a UniViGU's params that are its DiT's (the `text_params` filter's complement)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: not text_params(tuple(_key_name(k) for k in path), None),
+                                            params)
+
+
+def _key_name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
 
 
 def _replicate_unplaced(module: nnx.Module, mesh) -> None:
