@@ -3,7 +3,7 @@ repo read (pretrain_t2v.test.t2v.<attribute>, stage2.test.{t2v,v2t}.<attribute>,
 
 import json
 
-from uvigu import demo
+from uvigu import demo, run_config
 from uvigu.data.world import ATTRIBUTES, PROMPT_ATTRIBUTES
 
 SMALL = {
@@ -33,3 +33,11 @@ def test_demo_writes_every_stage_and_the_names_checks_read(tmp_path, capsys):
     table = demo.format_table(written["stage2"], written["stage2"]["chance"])
     assert "test  V2T acc" in table and "exact_match" in table
     assert capsys.readouterr().out.count("final loss") == 3
+
+
+def test_video_lr_scale_reaches_stages_1_and_2_only(tmp_path):
+    configs = demo.stage_configs(tmp_path, "discrete", None, video_lr_scale=0.25)
+    assert [c.optim.video_lr_scale for c in configs.values()] == [1.0, 0.25, 0.25]
+    for c in configs.values():
+        run_config.validate(c)  # the generator's stage would refuse a scale (it has no text side)
+    assert all(c.optim.video_lr_scale == 1.0 for c in demo.stage_configs(tmp_path, "discrete", None).values())

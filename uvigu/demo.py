@@ -26,10 +26,16 @@ from uvigu import atomic_files, run_config
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Where the world, the three workdirs and the samples go.")
 _TEXT_FLOW = flags.DEFINE_enum("text_flow", "discrete", ["discrete", "embedding"], "The text flow of stages 1-2.")
 _STEPS = flags.DEFINE_list("steps", None, "Training steps of pretrain_t2v,stage1,stage2 (default: the configs').")
+_VIDEO_LR_SCALE = flags.DEFINE_float(
+    "video_lr_scale", None, "Stages 1-2 train the generator's (DiT's) params at lr x this, the text side at lr "
+    "(config.optim.video_lr_scale; default: the configs', 1). 0.25 keeps a long generator's T2V through stages 1-2 "
+    "(README); the demo's 2000-step generator has none to keep, and its captioning needs the full rate.")
 
-def stage_configs(root: Path, text_flow: str, steps: list[int] | None, overrides: dict | None = None):
+def stage_configs(root: Path, text_flow: str, steps: list[int] | None, overrides: dict | None = None,
+                  video_lr_scale: float | None = None):
     """The three tiny configs, chained: stage 1 starts from the pretrain export, stage 2 from the stage-1 workdir.
-    `overrides` ({"model.wan.dim": 32, ...}) go into every stage (the tests' smaller demo)."""
+    `overrides` ({"model.wan.dim": 32, ...}) go into every stage (the tests' smaller demo); `video_lr_scale` into
+    stages 1-2 (`config.optim.video_lr_scale`)."""
     out = {}
     for i, stage in enumerate(("pretrain_t2v", "stage1", "stage2")):
         c = run_config.load(stage, "tiny")
@@ -41,6 +47,8 @@ def stage_configs(root: Path, text_flow: str, steps: list[int] | None, overrides
             c.init.path = str(root / "pretrain_t2v" / "export" / "dit")
         elif stage == "stage2":
             c.init.path = str(root / "stage1")
+        if stage != "pretrain_t2v" and video_lr_scale is not None:
+            c.optim.video_lr_scale = video_lr_scale
         for key, value in (overrides or {}).items():
             *parents, last = key.split(".")
             node = c
@@ -51,7 +59,8 @@ def stage_configs(root: Path, text_flow: str, steps: list[int] | None, overrides
     return out
 
 
-def run(root: Path, text_flow: str, steps: list[int] | None = None, overrides: dict | None = None) -> dict:
+def run(root: Path, text_flow: str, steps: list[int] | None = None, overrides: dict | None = None,
+        video_lr_scale: float | None = None) -> dict:
     """Trains (or resumes) the three stages under `root` and writes `root/demo_result.json`: the run's seconds, text
     flow and each stage's evaluation (`pretrain_t2v`, `stage1`, `stage2`: `{validation,test}.{t2v,v2t,joint}`).
     Returns that summary."""
@@ -59,7 +68,7 @@ def run(root: Path, text_flow: str, steps: list[int] | None = None, overrides: d
 
     t0 = time.perf_counter()
     summary: dict = {"text_flow": text_flow}
-    for stage, c in stage_configs(root, text_flow, steps, overrides).items():
+    for stage, c in stage_configs(root, text_flow, steps, overrides, video_lr_scale).items():
         t_stage = time.perf_counter()
         logging.info("==== %s (%d steps) ====", stage, c.total_steps)
         result = train.train_and_evaluate(c, str(root / stage))
@@ -89,7 +98,7 @@ def main(argv):
     del argv
     root = Path(_ROOT.value).absolute()
     steps = [int(s) for s in _STEPS.value] if _STEPS.value else None
-    summary = run(root, _TEXT_FLOW.value, steps)
+    summary = run(root, _TEXT_FLOW.value, steps, video_lr_scale=_VIDEO_LR_SCALE.value)
     final = summary["stage2"]
     chance = final["chance"]
     print(f"\nUni-ViGU toy world, text flow '{_TEXT_FLOW.value}', {summary['seconds'] / 60:.1f} min on the CPU")
