@@ -242,18 +242,25 @@ def make_optimizer(c: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optim
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
                      optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
     if o.get("video_lr_scale", 1.0) != 1.0:  # (checked by run_config.validate: a UniViGU stage, all params)
-        # The whole AdamW update of a DiT param (weight decay included) is scaled: its rate is lr × scale.
-        tx = optax.chain(tx, optax.masked(optax.scale(o.video_lr_scale), _dit_param_mask))
+        tx = _scale_dit_updates(tx, o.video_lr_scale)
     # Never applies a non-finite update (optax gives up after max_consecutive_errors): the loop stops the run at the
     # first non-finite step it checks (every log and every save), so NaN never reaches the params.
     tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
     return nnx.Optimizer(model, tx, wrt=trainable_filter(c))
 
 
-def _dit_param_mask(params):
-    """True on the leaves of a UniViGU's params that are its DiT's (the `text_params` filter's complement)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: not text_params(tuple(_key_name(k) for k in path), None),
-                                            params)
+def _scale_dit_updates(tx: optax.GradientTransformation, scale: float) -> optax.GradientTransformation:
+    """`tx` with the whole update of every DiT param (AdamW step and weight decay) times `scale`: its rate is lr × scale.
+    Stateless on top of `tx`, so the optimizer state (and a checkpoint of it) is the same whatever the scale: a run
+    resumes under another scale like under another lr."""
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, state, params)
+        is_dit = jax.tree_util.tree_map_with_path(
+            lambda path, _: not text_params(tuple(_key_name(k) for k in path), None), updates)
+        return jax.tree.map(lambda u, dit: u * scale if dit else u, updates, is_dit), state
+
+    return optax.GradientTransformation(tx.init, update)
 
 
 def _key_name(key) -> str:
