@@ -250,8 +250,8 @@ def make_optimizer(c: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optim
 
 
 def _scale_dit_updates(tx: optax.GradientTransformation, scale: float) -> optax.GradientTransformation:
-    """`tx` with the whole update of every DiT param (AdamW step and weight decay) times `scale`: its rate is lr × scale.
-    Stateless on top of `tx`, so the optimizer state (and a checkpoint of it) is the same whatever the scale: a run
+    """`tx` with the whole update of every DiT param (AdamW step and weight decay) times `scale`: its rate is
+    lr × scale. Stateless on top of `tx`, so the optimizer state (and a checkpoint of it) is the same whatever the scale: a run
     resumes under another scale like under another lr."""
 
     def update(updates, state, params=None):
