@@ -45,6 +45,7 @@ from flax import nnx
 from xla_env import host_device_flags
 
 from uvigu import checkpoint, run_config, sharding, train
+from uvigu import workdir as workdir_lib
 from uvigu.data import pipeline, toy_world
 from uvigu.data.world import ATTRIBUTES, PROMPT_ATTRIBUTES
 from uvigu.models import flat_params
@@ -585,6 +586,22 @@ def test_workdir_of_another_model_is_refused_untouched(chain, tmp_path):
     assert "wan.num_heads" in str(err.value) and str(workdir) in str(err.value)
     assert listing(workdir) == before
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_resume_under_another_optimizer_structure_is_refused_untouched(chain, tmp_path):
+    # optim is not an identity key of the run config, so the workdir check lets this through; the restore must then
+    # name the mismatch rather than file the intact checkpoint as broken and move it to checkpoints.broken/.
+    src = chain.stage1("discrete")
+    workdir = tmp_path / "run"
+    shutil.copytree(src["workdir"], workdir)
+    files = lambda: {k: v for k, v in listing(workdir).items() if "tfevents" not in k}  # noqa: E731 (not the logs)
+    before = files()
+    c = src["config"].copy_and_resolve_references()
+    c.update_from_flattened_dict({"optim.freeze_video": True, "total_steps": 4})
+    with pytest.raises(workdir_lib.WorkdirError, match=r"checkpoint step 2 in .* holds a training state of another "
+                                                       r"structure .* Nothing was moved"):
+        train.train_and_evaluate(c, str(workdir))
+    assert files() == before and not (workdir / "checkpoints.broken").exists()
 
 
 def test_truncated_shard_is_named(chain, world, tmp_path):

@@ -251,8 +251,8 @@ def make_optimizer(c: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optim
 
 def _scale_dit_updates(tx: optax.GradientTransformation, scale: float) -> optax.GradientTransformation:
     """`tx` with the whole update of every DiT param (AdamW step and weight decay) times `scale`: its rate is
-    lr × scale. Stateless on top of `tx`, so the optimizer state (and a checkpoint of it) is the same whatever the scale: a run
-    resumes under another scale like under another lr."""
+    lr × scale. Stateless on top of `tx`, so the optimizer state (and a checkpoint of it) is the same whatever the
+    scale: a run resumes under another scale like under another lr."""
 
     def update(updates, state, params=None):
         updates, state = tx.update(updates, state, params)
@@ -375,9 +375,20 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, cleanup: con
     first_step = 0
     def restore_step(step: int):
         params, opt_state = nnx.state(model, SAVED), nnx.state(optimizer)
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=_restore_into({"params": _abstract(params), "opt": _abstract(opt_state),
-                                 "rng": np.asarray(jax.random.key_data(rng))})))
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=_restore_into({"params": _abstract(params), "opt": _abstract(opt_state),
+                                     "rng": np.asarray(jax.random.key_data(rng))})))
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            # An intact step whose optimizer state has another tree than this config's (the run config's identity
+            # keys do not cover optim): not a broken checkpoint, so nothing is moved aside.
+            raise workdir_lib.WorkdirError(
+                f"checkpoint step {step} in {workdir_path / 'checkpoints'} holds a training state of another structure "
+                "than this config builds (a changed config.optim.freeze_video or trainable does that); resume it under "
+                "the config it was written with, or use a new --workdir. Nothing was moved. Orbax: "
+                f"{str(e)[:300]}") from None
         _restore_data_position(train_iter, workdir_path / "checkpoints" / str(step) / "data", step)
         return params, opt_state, restored
 

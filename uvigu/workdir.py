@@ -269,7 +269,8 @@ def restore_latest_intact(checkpoints_dir: str | os.PathLike, restore: Callable[
     `checkpoints.broken/`; afterwards reload the CheckpointManager (`mngr.reload()`), which still lists it.
 
     Returns (step, restore's result), or None when no step was ever saved. Raises WorkdirError, naming every broken
-    step and why, when steps exist but none restores."""
+    step and why, when steps exist but none restores; a WorkdirError from `restore` itself (an intact step this run
+    cannot take) goes straight up, moving nothing."""
     checkpoints_dir = Path(checkpoints_dir)
     broken: list[str] = []
     for step in reversed(saved_steps(checkpoints_dir)):
@@ -277,7 +278,9 @@ def restore_latest_intact(checkpoints_dir: str | os.PathLike, restore: Callable[
         if problem is None:
             try:
                 return step, restore(step)
-            except Exception as e:  # noqa: BLE001 (TensorStore, Orbax, grain: any failure means "broken")
+            except WorkdirError:  # `restore` found the step intact but not this run's: not broken, nothing to move
+                raise
+            except Exception as e:  # noqa: BLE001 (TensorStore, Orbax, grain: any other failure means "broken")
                 problem = f"{type(e).__name__}: {str(e)[:500]}"
         where = checkpoints_dir / str(step)
         if move_broken:
