@@ -20,7 +20,7 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
-# The default suite: CPU, tiny configs, about 18 minutes on 2 cores (2 workers; 571 tests, 2026-12). Tests marked
+# The default suite: CPU, tiny configs, 8.5-18 minutes on 2 cores by VM (2 workers; 588 tests, 2026-12). Tests marked
 # `slow` are left out. `--no-loadscope-reorder`: files go out in the order tests/conftest.py sets, longest first.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
