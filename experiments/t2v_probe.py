@@ -1,4 +1,4 @@
-"""Why the toy generator's T2V misses shape and motion: five probes of a `pretrain_t2v` export on the toy world.
+"""Why the toy generator's T2V misses shape and motion: six probes of a `pretrain_t2v` export on the toy world.
 
     python -m experiments.t2v_probe --probe_export runs/demo/pretrain_t2v/export/dit --probe_world runs/demo/toy_world
 
@@ -24,6 +24,10 @@
    ignores the direction word (Bayes over both directions' scenes): what the noisy clip alone tells. At σ = 1, the
    time-odd part of the model's x0 averaged over noise draws (x0(t) − x0(T − 1 − t), which only knowing the
    direction and where in time a frame lies can produce) is compared with the prompt's mean clip's, by cosine.
+6. Frame by frame. Next to probe 3's Bayes denoiser, one that reads each frame alone (`bayes_x0_per_frame`: frame
+   k's posterior mean from frame k's noisy pixels only). Where the model's x0 error is near this one's, the model
+   denoises frames one by one and does not use the path across frames (one shape, one straight line at one speed),
+   which is what fixes the direction while the noise is high.
 
 All print a table; `--probe_json` also writes the numbers. (Flag names are prefixed: absl flags are global, and
 the tests import every experiment into one process.)
@@ -45,7 +49,8 @@ from uvigu.data.world import PROMPT_ATTRIBUTES
 
 _EXPORT = flags.DEFINE_string("probe_export", "runs/demo/pretrain_t2v/export/dit", "The generator: a Wan model folder.")
 _WORLD_PATH = flags.DEFINE_string("probe_world", "runs/demo/toy_world", "The toy world's cache folder.")
-_SIGMAS = flags.DEFINE_list("probe_sigmas", ["0.3", "0.5", "0.7", "0.9", "1.0"], "Noise levels of the word-swap probe.")
+_SIGMAS = flags.DEFINE_list("probe_sigmas", ["0.3", "0.5", "0.7", "0.8", "0.9", "1.0"],
+                             "Noise levels of the word-swap probe and the Bayes gap.")
 _START_SIGMAS = flags.DEFINE_list("probe_start_sigmas", ["0.35", "0.5", "0.7", "0.8", "0.9", "1.0"],
                                   "σ0 of the denoising probe.")
 _EXAMPLES = flags.DEFINE_integer("probe_examples", 64, "Clips per probe.")
@@ -134,6 +139,13 @@ def bayes_x0(candidates: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
     return (jax.nn.softmax(logits) @ flat).reshape(x.shape)
 
 
+def bayes_x0_per_frame(candidates: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
+    """Frame k of E[x0 | frame k of x_σ], for every k: `bayes_x0` with each frame's likelihood alone (candidates
+    [N, T, ...], x [T, ...]). What a denoiser that cannot see across frames gets at best."""
+    per_frame = jax.vmap(bayes_x0, in_axes=(1, 0, None))  # over T: candidates [N, ...] and x [...] of one frame
+    return per_frame(candidates, x, sigma)
+
+
 def reversed_direction(triple: tuple[str, str, str]) -> tuple[str, str, str]:
     """(shape, colour, motion) with the motion played backwards: left <-> right, up <-> down."""
     shape, colour, motion = triple
@@ -202,7 +214,7 @@ def run(export: str, world: str, *, sigmas, start_sigmas, examples: int, steps: 
 
 
 def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int, direction_sigmas=()) -> dict:
-    """Probes 3, 4 and 5 on the clips `held` (records of the default world)."""
+    """Probes 3 to 6 on the clips `held` (records of the default world)."""
     from uvigu.data import world as world_lib
     from uvigu.eval import toy_metrics
 
@@ -218,6 +230,7 @@ def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int, direction_sigmas=(
     triples = [tuple(r["attributes"][a] for a in PROMPT_ATTRIBUTES) for r in held]
     per_clip = [scenes_of(t) for t in triples]
     oracle = jax.jit(jax.vmap(bayes_x0, in_axes=(0, 0, None)))
+    frame_oracle = jax.jit(jax.vmap(bayes_x0_per_frame, in_axes=(0, 0, None)))
     stacked = jnp.stack(per_clip)  # every prompt allows the same number of scenes
     latents = jnp.asarray(np.stack([r["latents"] for r in held]))
     context = jnp.asarray(np.stack([r["context"] for r in held]))
@@ -231,7 +244,8 @@ def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int, direction_sigmas=(
     for sigma in sigmas:
         x = (1.0 - sigma) * latents + sigma * noise
         gap[float(sigma)] = {"model": float(jnp.mean(jnp.square(model_x0(x, sigma) - latents))),
-                             "bayes": float(jnp.mean(jnp.square(oracle(stacked, x, sigma) - latents)))}
+                             "bayes": float(jnp.mean(jnp.square(oracle(stacked, x, sigma) - latents))),
+                             "bayes_per_frame": float(jnp.mean(jnp.square(frame_oracle(stacked, x, sigma) - latents)))}
     handover = {}
     truth = [r["attributes"] for r in held]
     for cut in cuts:
@@ -279,9 +293,11 @@ def format_report(report: Mapping) -> str:
     for s0, acc in sorted(report["denoise"].items()):
         lines.append(f"  {s0:<5.2f}  " + "".join(f"{acc[a]:>9.2f}" for a in attrs))
     if "bayes_gap" in report:
-        lines.append("\nx0 MSE on validation clips at σ, the model against the Bayes-optimal denoiser:")
-        lines.append("  σ        model    Bayes")
-        lines += [f"  {s:<5.2f}  {g['model']:>7.4f}  {g['bayes']:>7.4f}" for s, g in sorted(report["bayes_gap"].items())]
+        lines.append("\nx0 MSE on validation clips at σ, the model against the Bayes-optimal denoiser (of the whole clip,"
+                     " and of each frame alone):")
+        lines.append("  σ        model    Bayes  Bayes per frame")
+        lines += [f"  {s:<5.2f}  {g['model']:>7.4f}  {g['bayes']:>7.4f}  {g['bayes_per_frame']:>15.4f}"
+                  for s, g in sorted(report["bayes_gap"].items())]
         lines.append("\nEuler from noise, the Bayes denoiser above σ_cut and the model below (1.0: the model alone):")
         lines.append("  σ_cut  " + "".join(f"{a:>9}" for a in PROMPT_ATTRIBUTES))
         for cut, acc in sorted(report["handover"].items(), reverse=True):

@@ -193,7 +193,7 @@ def test_bench_cpu_gemm_mode_times_every_product_layout():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# t2v_probe: the five probes.
+# t2v_probe: the six probes.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -262,6 +262,41 @@ def test_bayes_x0_is_the_posterior_mean_over_the_candidates():
     w /= w.sum()
     np.testing.assert_allclose(t2v_probe.bayes_x0(candidates, x, sigma), np.tensordot(w, np.asarray(candidates), 1),
                                atol=1e-5)
+
+
+def test_per_frame_bayes_reads_each_frame_alone():
+    rng = np.random.default_rng(4)
+    candidates = jnp.asarray(rng.standard_normal((3, 2, 4, 4, 5)).astype(np.float32))  # [N, T, h, w, C]
+    x = jnp.asarray(rng.standard_normal((2, 4, 4, 5)).astype(np.float32))
+    per_frame = t2v_probe.bayes_x0_per_frame(candidates, x, 0.6)
+    for k in range(2):  # frame k: the posterior mean of frame k from frame k's likelihood only
+        np.testing.assert_allclose(per_frame[k], t2v_probe.bayes_x0(candidates[:, k], x[k], 0.6), atol=1e-6)
+    # One frame: nothing to read across, so it is the whole-clip denoiser.
+    np.testing.assert_allclose(t2v_probe.bayes_x0_per_frame(candidates[:, :1], x[:1], 0.6),
+                               t2v_probe.bayes_x0(candidates[:, :1], x[:1], 0.6), atol=1e-6)
+    # Two clips whose frames go together (u, u) or (-u, -u): each frame alone is weak evidence, the pair is twice
+    # as strong, so reading frames one by one costs error (averaged over noise draws).
+    u = jnp.asarray(rng.standard_normal((4, 4, 5)).astype(np.float32))
+    coupled = jnp.stack([jnp.stack([u, u]), jnp.stack([-u, -u])])
+    sigma, errors = 0.9, np.zeros(2)
+    for draw in range(64):
+        noisy = (1 - sigma) * coupled[0] + sigma * jax.random.normal(jax.random.key(draw), coupled[0].shape)
+        for i, denoise in enumerate((t2v_probe.bayes_x0, t2v_probe.bayes_x0_per_frame)):
+            errors[i] += float(jnp.mean(jnp.square(denoise(coupled, noisy, sigma) - coupled[0])))
+    assert errors[1] > 1.5 * errors[0], errors
+
+
+def test_probe_report_prints_every_table():
+    attrs = ("shape", "colour", "motion", "size", "speed", "position")
+    report = {"sensitivity": {a: {0.5: 0.1, 0.9: 0.2} for a in t2v_probe.PROMPT_ATTRIBUTES},
+              "denoise": {1.0: dict.fromkeys(attrs, 0.25)},
+              "bayes_gap": {0.8: {"model": 0.0671, "bayes": 0.005, "bayes_per_frame": 0.0578}},
+              "handover": {1.0: dict.fromkeys(t2v_probe.PROMPT_ATTRIBUTES, 0.5)},
+              "direction": {"t": {0.9: {"model": 0.026, "model_right": 0.55, "blind_bayes": 0.409}},
+                            "time_odd_cosine_at_1": {"median": 0.012, "positive": 0.52}}}
+    text = t2v_probe.format_report(report)
+    assert "0.80    0.0671   0.0050           0.0578" in text
+    assert "0.90  +0.026     0.55  +0.409" in text and "cosine median +0.012" in text
 
 
 def test_handover_sampling_switches_denoiser_at_the_cut():
