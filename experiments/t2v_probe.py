@@ -240,12 +240,12 @@ def _bayes_probes(dit, codec, held, sigmas, cuts, steps: int, direction_sigmas=(
         return x - sigma * velocity(x, sigma)
 
     noise = jax.random.normal(jax.random.key(2), latents.shape, jnp.float32)
+    error = lambda x0: float(jnp.mean(jnp.square(x0 - latents)))
     gap = {}
     for sigma in sigmas:
         x = (1.0 - sigma) * latents + sigma * noise
-        gap[float(sigma)] = {"model": float(jnp.mean(jnp.square(model_x0(x, sigma) - latents))),
-                             "bayes": float(jnp.mean(jnp.square(oracle(stacked, x, sigma) - latents))),
-                             "bayes_per_frame": float(jnp.mean(jnp.square(frame_oracle(stacked, x, sigma) - latents)))}
+        gap[float(sigma)] = {"model": error(model_x0(x, sigma)), "bayes": error(oracle(stacked, x, sigma)),
+                             "bayes_per_frame": error(frame_oracle(stacked, x, sigma))}
     handover = {}
     truth = [r["attributes"] for r in held]
     for cut in cuts:
